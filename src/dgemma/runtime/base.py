@@ -1,0 +1,39 @@
+"""The backend protocol: the two passes the canvas sampler needs, and nothing else.
+
+A backend owns the weights and the KV state of one batch of sequences. Torch, ONNX Runtime,
+TensorRT and Triton backends implement it; the sampler (dgemma.sampler) drives any of them and
+knows nothing of how they compute. Backends know nothing of sampling.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+from torch import Tensor
+
+
+@runtime_checkable
+class Backend(Protocol):
+    vocab_size: int
+    canvas_length: int
+    device: torch.device
+    max_context: int  # prompt + generated tokens the KV state can hold
+
+    def new_state(self, batch: int) -> Any:
+        """Empty KV state for `batch` sequences (length 0)."""
+
+    def encode(self, state: Any, ids: Tensor) -> None:
+        """Causal pass over ids [B,S] int64 at positions [P, P+S); appends their K/V; P += S."""
+
+    def denoise(self, state: Any, canvas: Tensor, soft: Tensor | None, temperature: Tensor) -> tuple[Tensor, Tensor]:
+        """One denoising step at positions [P, P+C); the state is read only.
+
+        canvas [B,C] int64; soft [B,C,H] self-conditioning embeddings of the previous step (None on the
+        first step of a canvas); temperature: 0-d fp32 tensor of this step.
+        Returns raw logits [B,C,V] fp32 and the next soft embeddings [B,C,H] computed from
+        bf16(raw / temperature), so V-sized tensors need not leave an engine that fuses it.
+        """
+
+    def length(self, state: Any) -> int:
+        """P: tokens already encoded into the state."""

@@ -1,0 +1,50 @@
+"""CLI: generate on the tiny default, --json schema, streaming, and typed errors without tracebacks."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from dgemma.cli import main
+
+
+def test_generate_json_schema_and_seed(tiny_dir, capsys):
+    args = ["generate", "--checkpoint", str(tiny_dir), "--prompt", "Why is the sky blue?", "--seed", "3", "--json"]
+    assert main(args) == 0
+    out = json.loads(capsys.readouterr().out)
+    for key in ("token_ids", "text", "canvases", "steps_per_canvas", "tokens_per_forward"):
+        assert key in out
+    assert len(out["token_ids"]) == 64 and out["canvases"] == 2 and out["steps_per_canvas"] == [48, 48]
+    assert main(args) == 0
+    assert json.loads(capsys.readouterr().out)["token_ids"] == out["token_ids"]  # deterministic per seed
+
+
+def test_prompt_ids_steps_and_stream(tiny_dir, capsys):
+    assert main(["generate", "--checkpoint", str(tiny_dir), "--prompt-ids", "2,105,50,51", "--steps", "3",
+                 "--max-new-tokens", "1", "--stream"]) == 0
+    cap = capsys.readouterr()
+    assert "[canvas 1]" in cap.out and "step  3/3" in cap.err
+
+
+@pytest.mark.parametrize("extra,msg", [
+    (["--steps", "0"], "--steps must be in 1..48 (got 0)"),
+    (["--steps", "49"], "max_denoising_steps=48"),
+    (["--seed", "1.5"], "--seed must be an integer (got '1.5')"),
+    (["--max-new-tokens", "0"], "--max-new-tokens must be >= 1 (got 0)"),
+    (["--max-context", "40"], "exceeds max_context=40"),
+    (["--prompt-ids", "2,x"], "--prompt-ids must be comma-separated integers"),
+])
+def test_user_errors_are_one_line(tiny_dir, capsys, extra, msg):
+    base = ["generate", "--checkpoint", str(tiny_dir)]
+    if "--prompt-ids" not in extra:
+        base += ["--prompt", "hello"]
+    assert main(base + extra) == 2
+    err = capsys.readouterr().err
+    assert msg in err and "Traceback" not in err
+
+
+def test_module_entry_point_reports_missing_checkpoint(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "dgemma", "generate", "--checkpoint", str(tmp_path / "x"),
+                        "--prompt", "hi"], capture_output=True, text=True)
+    assert r.returncode == 2 and "CheckpointError" in r.stderr and "Traceback" not in r.stderr

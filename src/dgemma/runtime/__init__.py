@@ -1,0 +1,1 @@
+"""Backends implementing dgemma.runtime.base.Backend."""

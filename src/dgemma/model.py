@@ -343,8 +343,12 @@ class DiffusionGemma(nn.Module):
 
     # -- encoder pass (prefill / commit) ---------------------------------------------------------
     @torch.no_grad()
-    def encode(self, ids: Tensor, cache: KVCache) -> None:
-        """Causal pass over ids [B,S] at positions [P, P+S); appends K/V to `cache` (spec §6)."""
+    def encode(self, ids: Tensor, cache: KVCache, last_logits: bool = False) -> Tensor | None:
+        """Causal pass over ids [B,S] at positions [P, P+S); appends K/V to `cache` (spec §6).
+
+        last_logits=True also runs the last layer and the head and returns logits [B,V] fp32 of the last
+        position: the autoregressive use of the same backbone (benchmark baseline only).
+        """
         b, s = ids.shape
         cache.check_room(s)
         p = cache.length
@@ -359,7 +363,7 @@ class DiffusionGemma(nn.Module):
             sliding = layer.self_attn.sliding
             cos, sin = rope[sliding]
             h = layer.input_layernorm(x)
-            if i == last:  # only the K/V of the last layer are used by generation (spec §6)
+            if i == last and not last_logits:  # only the K/V of the last layer are used by generation (spec §6)
                 k, v = layer.self_attn.kv(h, cos, sin)
                 self._append(cache, i, k, v)
                 break
@@ -370,6 +374,7 @@ class DiffusionGemma(nn.Module):
             r = x + layer.post_attention_layernorm(layer.self_attn.out(a))
             x = layer.ffn(r, self.encoder_layer_scalars[i : i + 1].to(r.dtype))
         cache.length = p + s
+        return self.logits(x[:, -1]) if last_logits else None
 
     def _append(self, cache: KVCache, i: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         pk, pv = cache.prefix(i)

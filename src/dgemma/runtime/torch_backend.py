@@ -26,6 +26,10 @@ class TorchBackend:
     def encode(self, state: KVCache, ids: Tensor) -> None:
         self.model.encode(ids, state)
 
+    def ar_step(self, state: KVCache, ids: Tensor) -> Tensor:
+        """Autoregressive baseline: causal pass over ids [B,S] returning next-token logits [B,V]."""
+        return self.model.encode(ids, state, last_logits=True)
+
     @torch.no_grad()
     def denoise(self, state: KVCache, canvas: Tensor, soft: Tensor | None, temperature: Tensor):
         raw = self.model.denoise(canvas, soft, state)

@@ -1,0 +1,159 @@
+"""GPU profiles and precisions, resolved in one place: `resolve(gpu, precision) -> Target`.
+
+Each profile carries what the engines, KV buffers, Triton config and roofline reports need: compute
+capability, memory, HBM bandwidth, batch/prompt/context limits, TensorRT flavour. Hardware rules
+(FP8 needs SM89+, NVFP4 SM100+ or SM120/121 with TensorRT-RTX) and the memory check live here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+from .config import FULL_SIZE, ModelConfig
+from .errors import ConfigError
+
+
+class Precision(str, Enum):
+    BF16 = "bf16"
+    FP8 = "fp8"
+    NVFP4 = "nvfp4"
+
+    @property
+    def weight_bytes(self) -> float:
+        """Bytes per quantized weight element, block scales included (NVFP4: 4 bit + 1 FP8 scale per 16)."""
+        return {"bf16": 2.0, "fp8": 1.0, "nvfp4": 0.5 + 1 / 16}[self.value]
+
+
+MIN_SM = {Precision.BF16: 80, Precision.FP8: 89, Precision.NVFP4: 100}
+NVFP4_RTX_SM = (120, 121)  # RTX Blackwell / GB10: NVFP4 through TensorRT-RTX
+
+
+@dataclass(frozen=True)
+class GpuProfile:
+    name: str  # key used in paths and the Makefile
+    label: str
+    sm: int  # compute capability x10 (0 = CPU / ONNX Runtime)
+    memory_gib: float
+    hbm_gbs: float  # datasheet memory bandwidth, GB/s (roofline)
+    max_batch: int  # canvases in flight: TRT profile max, Triton max_batch_size
+    opt_batch: int
+    max_prompt: int  # encoder profile max S
+    max_context: int  # prompt + generated tokens the KV buffers hold
+    trt: str  # "tensorrt" (full TensorRT, NGC) | "tensorrt_rtx" | "none" (ORT on CPU)
+    precisions: tuple[Precision, ...]
+
+    def supports(self, p: Precision) -> bool:
+        return p in self.precisions
+
+
+_ALL = (Precision.BF16, Precision.FP8, Precision.NVFP4)
+PROFILES: dict[str, GpuProfile] = {
+    p.name: p
+    for p in (
+        GpuProfile("h100", "NVIDIA H100 SXM 80GB", 90, 80, 3350, 4, 1, 8192, 16384, "tensorrt",
+                   (Precision.BF16, Precision.FP8)),
+        GpuProfile("h200", "NVIDIA H200 141GB", 90, 141, 4800, 8, 1, 16384, 32768, "tensorrt",
+                   (Precision.BF16, Precision.FP8)),
+        GpuProfile("b200", "NVIDIA B200 180GB", 100, 180, 8000, 8, 1, 16384, 32768, "tensorrt", _ALL),
+        GpuProfile("rtx5090", "NVIDIA GeForce RTX 5090 32GB", 120, 32, 1792, 2, 1, 4096, 8192, "tensorrt_rtx", _ALL),
+        GpuProfile("dgx-spark", "NVIDIA DGX Spark (GB10, 128GB unified)", 121, 128, 273, 4, 1, 8192, 16384,
+                   "tensorrt_rtx", _ALL),
+        GpuProfile("cpu", "CPU (ONNX Runtime, tiny model, CI)", 0, 0, 0, 2, 1, 64, 256, "none", _ALL),
+    )
+}
+
+
+@dataclass(frozen=True)
+class Target:
+    gpu: GpuProfile
+    precision: Precision
+
+    @property
+    def key(self) -> str:
+        return f"{self.gpu.name}/{self.precision.value}"
+
+
+def _hardware_rule(gpu: GpuProfile, p: Precision) -> str | None:
+    if gpu.sm == 0:
+        return None  # CPU: every precision is emulated through ONNX Runtime
+    if p is Precision.NVFP4 and gpu.sm < MIN_SM[p] and gpu.sm not in NVFP4_RTX_SM:
+        return f"precision 'nvfp4' needs compute capability >= 10.0 (or 12.x with TensorRT-RTX); " \
+               f"GPU profile '{gpu.name}' is {gpu.sm / 10:.1f}"
+    if gpu.sm < MIN_SM[p]:
+        return f"precision '{p.value}' needs compute capability >= {MIN_SM[p] / 10:.1f}; " \
+               f"GPU profile '{gpu.name}' is {gpu.sm / 10:.1f}"
+    return None
+
+
+def resolve(gpu: str, precision: str) -> Target:
+    """The only place a (gpu, precision) pair is validated."""
+    if gpu not in PROFILES:
+        raise ConfigError(f"unknown GPU profile {gpu!r}; valid: {', '.join(PROFILES)} (see `dgemma profiles`).")
+    try:
+        p = Precision(precision)
+    except ValueError:
+        raise ConfigError(
+            f"unknown precision {precision!r}; valid: {', '.join(x.value for x in Precision)}."
+        ) from None
+    prof = PROFILES[gpu]
+    rule = _hardware_rule(prof, p)
+    if rule:
+        ok_p = [x.value for x in prof.precisions if not _hardware_rule(prof, x)]
+        ok_g = [g.name for g in PROFILES.values() if g.sm and not _hardware_rule(g, p)]
+        raise ConfigError(f"{rule}. Use --precision {'/'.join(ok_p)} on {gpu}, or --gpu {'/'.join(ok_g)} for {p.value}.")
+    return Target(prof, p)
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    weights_gib: float
+    kv_gib: float
+    workspace_gib: float
+    engines: int
+
+    @property
+    def total_gib(self) -> float:
+        return self.weights_gib * self.engines + self.kv_gib + self.workspace_gib
+
+
+def memory_plan(target: Target, cfg: ModelConfig = FULL_SIZE, engines: int = 2) -> MemoryPlan:
+    """Weights (per engine copy), KV buffers at the profile's max batch/context, and a logits workspace."""
+    gib = 1024**3
+    linear = cfg.param_count() - cfg.vocab_size * cfg.hidden_size  # embedding/LM head stays 16-bit
+    w = linear * target.precision.weight_bytes + cfg.vocab_size * cfg.hidden_size * 2
+    kv = 0
+    for i in range(cfg.num_hidden_layers):
+        per_tok = 2 * cfg.layer_kv_heads(i) * cfg.layer_head_dim(i) * 2
+        kv += per_tok * (cfg.sliding_cache_len if cfg.is_sliding(i) else target.gpu.max_context)
+    kv *= target.gpu.max_batch
+    logits = target.gpu.max_batch * cfg.canvas_length * cfg.vocab_size * 4 * 3  # logits, probs, proc (fp32)
+    return MemoryPlan(w / gib, kv / gib, logits / gib, engines)
+
+
+def check_memory(target: Target, cfg: ModelConfig = FULL_SIZE, engines: int = 2) -> MemoryPlan:
+    """Raise ConfigError, with the numbers and what fits instead, when the plan exceeds the GPU."""
+    plan = memory_plan(target, cfg, engines)
+    mem = target.gpu.memory_gib
+    if mem and plan.total_gib > mem:
+        fits = [p.value for p in target.gpu.precisions
+                if memory_plan(Target(target.gpu, p), cfg, engines).total_gib <= mem]
+        shared = memory_plan(target, cfg, 1).total_gib
+        hint = f"precision {'/'.join(fits)} fits" if fits else "no precision fits with two engines"
+        raise ConfigError(
+            f"{target.key}: {engines} engines x {plan.weights_gib:.1f} GiB weights + {plan.kv_gib:.1f} GiB KV "
+            f"(batch {target.gpu.max_batch}, context {target.gpu.max_context}) + {plan.workspace_gib:.1f} GiB logits "
+            f"= {plan.total_gib:.1f} GiB > {mem:g} GiB on {target.gpu.label}. {hint}; sharing one weight copy "
+            f"between encoder and denoiser needs {shared:.1f} GiB."
+        )
+    return plan
+
+
+def describe() -> str:
+    rows = [f"{'profile':<10} {'GPU':<40} {'SM':>4} {'mem GiB':>7} {'HBM GB/s':>8} {'batch':>5} "
+            f"{'prompt':>6} {'context':>7}  {'TensorRT':<12} precisions"]
+    for p in PROFILES.values():
+        ok = [x.value for x in p.precisions if not _hardware_rule(p, x)]
+        rows.append(f"{p.name:<10} {p.label:<40} {p.sm / 10:>4.1f} {p.memory_gib:>7g} {p.hbm_gbs:>8g} "
+                    f"{p.max_batch:>5} {p.max_prompt:>6} {p.max_context:>7}  {p.trt:<12} {', '.join(ok)}")
+    return "\n".join(rows)

@@ -14,6 +14,10 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def git_commit() -> str:
+    import os
+
+    if os.environ.get("DGEMMA_GIT_COMMIT"):  # set where the tree travels without .git (GPU machine)
+        return os.environ["DGEMMA_GIT_COMMIT"]
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
                               timeout=5).stdout.strip() or "unknown"

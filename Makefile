@@ -4,12 +4,16 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 GPU ?= cpu
-PRECISION ?= fp8
+PRECISION ?= bf16
 CKPT ?=
 SEED ?= 0
 STAMP := $(VENV)/.dgemma-installed
 
-.PHONY: venv demo test test-gpu clean-venv init-tiny generate
+SCENARIO ?= anchor,adaptive
+BACKEND ?= torch
+BENCH_ARGS ?=
+
+.PHONY: venv demo test test-gpu clean-venv init-tiny generate profiles bench report
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -28,6 +32,19 @@ demo: $(STAMP)
 	$(PY) -m dgemma init-tiny build/checkpoints/tiny
 	$(PY) -m dgemma generate --prompt "Why is the sky blue?" --seed $(SEED) --stream
 	$(PY) -m dgemma generate --prompt "Why is the sky blue?" --seed $(SEED) --json
+
+profiles: $(STAMP)
+	$(PY) -m dgemma profiles
+
+# Benchmarks: one JSON per scenario under bench/results/<gpu>/<precision>/. GPU profiles default to
+# --checkpoint synthetic (full-size shapes, random weights); GPU=cpu runs the reduced form on the tiny model.
+bench: $(STAMP)
+	$(PY) -m dgemma bench --gpu $(GPU) --precision $(PRECISION) --scenario $(SCENARIO) --backend $(BACKEND) \
+		$(if $(CKPT),--checkpoint $(CKPT)) $(BENCH_ARGS)
+
+# `make report GPU=h100 PRECISION=fp8` -> bench/reports/h100-fp8.md + plots; without GPU: all results in one table.
+report: $(STAMP)
+	$(PY) -m dgemma report $(if $(filter-out cpu,$(GPU)),--gpu $(GPU) --precision $(PRECISION))
 
 generate: $(STAMP)
 	$(PY) -m dgemma generate $(if $(CKPT),--checkpoint $(CKPT)) --prompt "$(PROMPT)" --seed $(SEED)

@@ -203,6 +203,21 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_report(args) -> int:
+    from .report import RESULTS, REPORTS, comparison_report, gpu_report
+
+    results, out = Path(args.results or RESULTS), Path(args.out or REPORTS)
+    if args.gpu:
+        from .profiles import resolve
+
+        t = resolve(args.gpu, args.precision)
+        path = gpu_report(t.gpu.name, t.precision.value, results, out)
+    else:
+        path = comparison_report(results, out)
+    print(f"wrote {path}")
+    return 0
+
+
 def cmd_profiles(args) -> int:
     from .profiles import describe
 
@@ -242,6 +257,13 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--measured-gbs", type=float, help="use a measured copy bandwidth for the roofline")
     b.add_argument("--out", default=str(Path(__file__).resolve().parents[2] / "bench" / "results"))
     b.set_defaults(func=cmd_bench)
+
+    r = sub.add_parser("report", help="markdown + plots from bench results (one GPU, or all of them)")
+    r.add_argument("--gpu")
+    r.add_argument("--precision", default="bf16")
+    r.add_argument("--results", help="results dir (default bench/results)")
+    r.add_argument("--out", help="reports dir (default bench/reports)")
+    r.set_defaults(func=cmd_report)
 
     pr = sub.add_parser("profiles", help="list GPU profiles and what each supports")
     pr.set_defaults(func=cmd_profiles)

@@ -100,3 +100,20 @@ def test_bench_bad_inputs(tmp_path, capsys):
     bad.write_text('name = "x"\nbogus = 1\n')
     assert main(["bench", "--gpu", "cpu", "--scenario", str(bad), "--out", str(tmp_path)]) == 2
     assert "unknown keys ['bogus']" in capsys.readouterr().err
+
+
+def test_report_markdown_and_plots(tmp_path, tiny_dir, capsys):
+    res = tmp_path / "results"
+    assert main(["bench", "--gpu", "cpu", "--checkpoint", str(tiny_dir), "--scenario", "anchor,concurrency",
+                 "--out", str(res)]) == 0
+    assert main(["report", "--gpu", "cpu", "--results", str(res), "--out", str(tmp_path / "rep")]) == 0
+    md = (tmp_path / "rep" / "cpu-bf16.md").read_text()
+    assert "| anchor | torch |" in md and "not collected: no GPU" in md and "| batch | gen tok/s |" in md
+    for png in ("cpu-bf16-step-latency.png", "cpu-bf16-steps-per-canvas.png", "cpu-bf16-concurrency.png",
+                "cpu-bf16-vs-anchors.png"):
+        assert (tmp_path / "rep" / png).stat().st_size > 1000 and f"]({png})" in md
+    assert main(["report", "--results", str(res), "--out", str(tmp_path / "rep")]) == 0
+    assert "| cpu | bf16 | anchor | torch |" in (tmp_path / "rep" / "all.md").read_text()
+    assert main(["report", "--gpu", "h100", "--precision", "fp8", "--results", str(res),
+                 "--out", str(tmp_path / "rep")]) == 2
+    assert "make bench GPU=h100 PRECISION=fp8" in capsys.readouterr().err

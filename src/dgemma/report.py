@@ -1,0 +1,206 @@
+"""Hardware reports from benchmark results: markdown + PNG plots per GPU and precision, and one
+comparison table across every result present. Our numbers stand beside the published anchors
+(anchors.md §1.2, same definitions) and beside the roofline of the same run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+RESULTS = ROOT / "bench" / "results"
+REPORTS = ROOT / "bench" / "reports"
+
+# Published figures with their conditions (anchors.md §1.2/§1.3). gen = generation tok/s, prefill excluded.
+ANCHORS = {
+    ("h100", "fp8"): [("vLLM blog (2026-06)", 1008, "gen tok/s, batch 1, fixed 16 steps, 1024/1024 random"),
+                      ("vLLM AR Gemma 4 26B-A4B, no MTP", 197, "same setting, autoregressive")],
+    ("h200", "fp8"): [("vLLM blog (2026-06)", 1288, "gen tok/s, batch 1, fixed 16 steps, 1024/1024 random"),
+                      ("vLLM AR Gemma 4 26B-A4B, no MTP", 213, "same setting, autoregressive")],
+    ("rtx5090", "nvfp4"): [("Google/NVIDIA blogs", 700, "'700+ tok/s', precision and steps not stated")],
+    ("dgx-spark", "nvfp4"): [("NVIDIA blogs", 150, "'~150 tok/s', precision and steps not stated")],
+}
+
+
+def anchors_for(gpu: str, precision: str) -> list[tuple[str, float, str]]:
+    """Anchors for this GPU; those published at another precision are labelled with it."""
+    exact = ANCHORS.get((gpu, precision))
+    if exact:
+        return exact
+    return [(f"{name} [{p}]", v, cond) for (g, p), rows in ANCHORS.items() if g == gpu for name, v, cond in rows]
+
+
+def load_results(results_dir: Path = RESULTS, gpu: str | None = None, precision: str | None = None) -> list[dict]:
+    out = []
+    for f in sorted(Path(results_dir).glob("*/*/*.json")):
+        g, p = f.parent.parent.name, f.parent.name
+        if (gpu and g != gpu) or (precision and p != precision):
+            continue
+        try:
+            rec = json.loads(f.read_text())
+        except json.JSONDecodeError:
+            continue
+        rec["_file"] = str(f.relative_to(results_dir))
+        out.append(rec)
+    return out
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def _fmt(x, nd=1):
+    return "–" if x is None else (f"{x:,.{nd}f}" if isinstance(x, (int, float)) else str(x))
+
+
+def _plots(recs: list[dict], stem: str, out_dir: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    conc = [r for r in recs if r.get("concurrency")]
+    if conc:
+        r = conc[-1]
+        fig, ax = plt.subplots(figsize=(5, 3.2))
+        ax.plot([c["batch"] for c in r["concurrency"]], [c["tok_s"] for c in r["concurrency"]], "o-")
+        ax.set_xlabel("concurrent sequences (batch)"), ax.set_ylabel("generation tok/s"), ax.set_xscale("log", base=2)
+        ax.set_title("throughput vs concurrency"), fig.tight_layout()
+        written.append(_save(fig, out_dir / f"{stem}-concurrency.png"))
+    lat = [(f"{r['scenario']['name']}/{r['backend']}", r["runs"][-1]["step_latencies_ms"]) for r in recs if r.get("runs")]
+    if lat:
+        fig, ax = plt.subplots(figsize=(5, 3.2))
+        for name, xs in lat:
+            ax.hist(xs, bins=30, alpha=0.6, label=name)
+        ax.set_xlabel("denoising step latency (ms)"), ax.set_ylabel("steps"), ax.legend(fontsize=7)
+        ax.set_title("step latency distribution"), fig.tight_layout()
+        written.append(_save(fig, out_dir / f"{stem}-step-latency.png"))
+        fig, ax = plt.subplots(figsize=(5, 3.2))
+        for i, r in enumerate(r for r in recs if r.get("runs")):
+            spc = r["runs"][-1]["steps_per_canvas"]
+            ax.bar([x + 0.8 * i / max(1, len(lat)) for x in range(len(spc))], spc, width=0.8 / max(1, len(lat)),
+                   label=f"{r['scenario']['name']}/{r['backend']}")
+        ax.set_xlabel("canvas"), ax.set_ylabel("denoising steps"), ax.legend(fontsize=7)
+        ax.set_title("steps per canvas"), fig.tight_layout()
+        written.append(_save(fig, out_dir / f"{stem}-steps-per-canvas.png"))
+    anchor_runs = [r for r in recs if r["scenario"]["name"] == "anchor"]
+    if anchor_runs:
+        r = max(anchor_runs, key=lambda x: x["metrics"]["generation_tok_s"])
+        key = (r["gpu_profile"]["name"], r["precision"])
+        bars = [(f"dgemma {r['backend']}", r["metrics"]["generation_tok_s"]),
+                ("roofline ceiling", r["roofline"]["ceiling_tok_s_at_16_steps"])]
+        bars += [(name, v) for name, v, _ in anchors_for(*key)]
+        fig, ax = plt.subplots(figsize=(5.5, 3.2))
+        ax.barh([b[0] for b in bars], [b[1] for b in bars], color=["C0", "C7"] + ["C1"] * (len(bars) - 2))
+        ax.set_xlabel("generation tok/s (batch 1, 16 steps)"), ax.set_title(f"{key[0]} {key[1]}: ours vs anchors")
+        fig.tight_layout()
+        written.append(_save(fig, out_dir / f"{stem}-vs-anchors.png"))
+    return written
+
+
+def _save(fig, path: Path) -> str:
+    import matplotlib.pyplot as plt
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path.name
+
+
+def gpu_report(gpu: str, precision: str, results_dir: Path = RESULTS, out_dir: Path = REPORTS) -> Path:
+    recs = load_results(results_dir, gpu, precision)
+    from .errors import ArtifactError
+
+    if not recs:
+        raise ArtifactError(f"no results under {results_dir}/{gpu}/{precision}/. Run: make bench GPU={gpu} "
+                            f"PRECISION={precision}")
+    stem = f"{gpu}-{precision}"
+    env = recs[-1]["environment"]
+    lines = [f"# dgemma benchmark report: {gpu} / {precision}", ""]
+    device = env.get("gpu_name", "CPU (no GPU)")
+    lines += [f"Device: **{device}**" + (f" (compute capability {env['compute_capability']}, driver "
+                                          f"{env.get('driver')}, CUDA {env.get('cuda')})" if "gpu_name" in env else ""),
+              f"torch {env['torch']}, dgemma {env['dgemma']} @ {env['git_commit']}; checkpoint: "
+              f"{recs[-1]['checkpoint']} ({recs[-1]['model']['param_count'] / 1e9:.2f} B text params, canvas "
+              f"{recs[-1]['model']['canvas_length']}).", ""]
+    if recs[-1]["checkpoint"] == "synthetic":
+        lines += ["Full-size shapes with random weights: step cost is that of the real model, but random weights never "
+                  "converge, so `adaptive` measures the 48-step worst case (tokens per forward 256/48).", ""]
+    lines += ["| scenario | backend | gen tok/s | e2e tok/s | step p50 / p99 ms | denoise p50 ms | commit ms | "
+              "prefill ms | TTFC ms | steps/canvas | TPF | floor ms | step / floor | x AR |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in recs:
+        m, rf = r["metrics"], r["roofline"]
+        lines.append(
+            f"| {r['scenario']['name']} | {r['backend']} | {_fmt(m['generation_tok_s'])} | {_fmt(m['e2e_tok_s'])} | "
+            f"{_fmt(m['step_ms_p50'], 2)} / {_fmt(m['step_ms_p99'], 2)} | {_fmt(m['denoise_ms_p50'], 2)} | "
+            f"{_fmt(m.get('commit_ms_mean'), 2)} | {_fmt(m['prefill_ms'])} | {_fmt(m['time_to_first_canvas_ms'])} | "
+            f"{_fmt(m['mean_steps_per_canvas'])} | {_fmt(m['tokens_per_forward'], 2)} | {_fmt(rf['step_floor_ms'], 2)} | "
+            f"{_fmt(m['step_ms_p50'] / rf['step_floor_ms'] if rf['step_floor_ms'] == rf['step_floor_ms'] else None, 2)} | "
+            f"{_fmt(m.get('diffusion_over_ar'), 2)} |")
+    anchors = anchors_for(gpu, precision)
+    if anchors:
+        lines += ["", "Published anchors for this GPU (anchors.md §1.2):", ""]
+        lines += [f"- {name}: **{v:,} tok/s** ({cond})" for name, v, cond in anchors]
+    roof = recs[-1]["roofline"]
+    lines += ["", f"Roofline (per denoising step, batch 1): {roof['total_gb']:.2f} GB moved at {roof['hbm_gbs']:g} GB/s "
+              f"= **{roof['step_floor_ms']:.2f} ms** floor, {roof['ceiling_tok_s_at_16_steps']:,.0f} tok/s ceiling at 16 "
+              "steps. Bytes: " + ", ".join(f"{k} {v / 1e9:.2f} GB" for k, v in roof["bytes"].items()) + "."]
+    for r in recs:
+        if r.get("ar_baseline", {}).get("available"):
+            a = r["ar_baseline"]
+            lines.append(f"\nAR baseline ({r['backend']}): {a['tok_s']:.1f} tok/s ({a['ms_per_token']:.2f} ms/token, "
+                         "greedy, one token per encoder pass, same backend and precision).")
+        if r.get("concurrency"):
+            lines += ["", "| batch | gen tok/s | requests/s | step p50 ms |", "|---|---|---|---|"]
+            lines += [f"| {c['batch']} | {_fmt(c['tok_s'])} | {_fmt(c['requests_s'], 3)} | {_fmt(c['step_ms_p50'], 2)} |"
+                      for c in r["concurrency"]]
+        if r.get("long_context"):
+            lines += ["", "| prompt tokens | prefill ms | step p50 ms | gen tok/s |", "|---|---|---|---|"]
+            lines += [f"| {c['prompt_tokens']} | {_fmt(c['prefill_ms'])} | {_fmt(c['step_ms_p50'], 2)} | "
+                      f"{_fmt(c['generation_tok_s'])} |" for c in r["long_context"]]
+    tel = recs[-1]["telemetry"]
+    lines += ["", "GPU telemetry: " + (
+        f"{tel['samples']} samples, util mean {tel['gpu_util']['mean']:.0f}%, SM clock mean "
+        f"{tel['sm_clock_mhz']['mean']:.0f} MHz, power mean {tel['power_w']['mean']:.0f} W (max "
+        f"{tel['power_w']['max']:.0f}), memory used max {tel['mem_used_gib']['max']:.1f} GiB."
+        if tel.get("available") else f"not collected: {tel.get('reason')}.")]
+    plots = _plots(recs, stem, out_dir)
+    lines += [""] + [f"![{p}]({p})" for p in plots]
+    lines += ["", "Results: " + ", ".join(f"`bench/results/{r['_file']}`" for r in recs)]
+    path = out_dir / f"{stem}.md"
+    _atomic_write(path, "\n".join(lines) + "\n")
+    return path
+
+
+def comparison_report(results_dir: Path = RESULTS, out_dir: Path = REPORTS) -> Path:
+    recs = load_results(results_dir)
+    lines = ["# dgemma: all results", "", "| GPU | precision | scenario | backend | device | gen tok/s | step p50 ms | "
+             "floor ms | steps/canvas | anchor tok/s |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in recs:
+        g, p = r["gpu_profile"]["name"], r["precision"]
+        anchor = ANCHORS.get((g, p), [(None, None, None)])[0][1]
+        m = r["metrics"]
+        lines.append(f"| {g} | {p} | {r['scenario']['name']} | {r['backend']} | "
+                     f"{r['environment'].get('gpu_name', 'CPU')} | {_fmt(m['generation_tok_s'])} | "
+                     f"{_fmt(m['step_ms_p50'], 2)} | {_fmt(r['roofline']['step_floor_ms'], 2)} | "
+                     f"{_fmt(m['mean_steps_per_canvas'])} | {_fmt(anchor, 0)} |")
+    if not recs:
+        lines.append("| – | – | – | – | no results yet: run `make bench` | | | | | |")
+    path = out_dir / "all.md"
+    _atomic_write(path, "\n".join(lines) + "\n")
+    return path
+
+
+def summary_line(recs: list[dict]) -> str:
+    m = [r["metrics"]["generation_tok_s"] for r in recs]
+    return f"{len(recs)} results, median gen {statistics.median(m):,.1f} tok/s" if m else "no results"

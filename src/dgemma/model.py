@@ -24,25 +24,56 @@ def torch_dtype(name: str | torch.dtype) -> torch.dtype:
     return name if isinstance(name, torch.dtype) else _DTYPES[name]
 
 
-class RMSNorm(nn.Module):
-    """Gemma-4 RMSNorm: fp32, x * pow(mean(x^2) + eps, -0.5) * weight (plain weight, not 1+w)."""
+def rotate_half(x: Tensor) -> Tensor:
+    h = x.shape[-1] // 2
+    return torch.cat((-x[..., h:], x[..., :h]), dim=-1)
 
+
+class Ops:
+    """The elementwise pieces of a layer as pure functions. The eager (reference) path uses them as written;
+    the CUDA fast path swaps in torch.compile'd versions (`fuse_ops`) so each becomes one or two kernels."""
+
+    @staticmethod
+    def rms_norm(x: Tensor, weight: Tensor | None, eps: float) -> Tensor:
+        # Gemma-4 RMSNorm: fp32, x * pow(mean(x^2) + eps, -0.5) * weight (plain weight, not 1+w)
+        xf = x.float()
+        y = xf * torch.pow(xf.pow(2).mean(-1, keepdim=True) + eps, -0.5)
+        if weight is not None:
+            y = y * weight.float()
+        return y.type_as(x)
+
+    @staticmethod
+    def rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        return (x * cos) + (rotate_half(x) * sin)
+
+    @staticmethod
+    def gelu_mul(gate: Tensor, up: Tensor) -> Tensor:
+        return F.gelu(gate, approximate="tanh") * up
+
+
+OPS = Ops()
+
+
+def fuse_ops() -> None:
+    """Replace OPS with torch.compile'd versions (CUDA fast path; changes rounding in the last bits)."""
+    import torch._dynamo
+
+    # one function serves ~10 shapes (hidden, per-head q/k of both layer kinds, flat MoE input)
+    for knob in ("recompile_limit", "cache_size_limit"):
+        if hasattr(torch._dynamo.config, knob):
+            setattr(torch._dynamo.config, knob, 64)
+    for name in ("rms_norm", "rope", "gelu_mul"):
+        setattr(OPS, name, torch.compile(getattr(Ops, name)))
+
+
+class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float, with_scale: bool = True):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim)) if with_scale else None
 
     def forward(self, x: Tensor) -> Tensor:
-        xf = x.float()
-        y = xf * torch.pow(xf.pow(2).mean(-1, keepdim=True) + self.eps, -0.5)
-        if self.weight is not None:
-            y = y * self.weight.float()
-        return y.type_as(x)
-
-
-def rotate_half(x: Tensor) -> Tensor:
-    h = x.shape[-1] // 2
-    return torch.cat((-x[..., h:], x[..., :h]), dim=-1)
+        return OPS.rms_norm(x, self.weight, self.eps)
 
 
 def rope_inv_freq(cfg: ModelConfig, sliding: bool) -> Tensor:
@@ -77,8 +108,7 @@ class Attention(nn.Module):
         """x [B,S,H] -> q [B,nh,S,hd], k/v [B,kvh,S,hd] (k post-norm post-RoPE, v post-v_norm)."""
         shape = (*x.shape[:-1], -1, self.head_dim)
         c, s = cos.unsqueeze(2), sin.unsqueeze(2)
-        q = self.q_norm(self.q_proj(x).view(shape))
-        q = ((q * c) + (rotate_half(q) * s)).transpose(1, 2)
+        q = OPS.rope(self.q_norm(self.q_proj(x).view(shape)), c, s).transpose(1, 2)
         k, v = self.kv(x, cos, sin)
         return q, k, v
 
@@ -86,8 +116,7 @@ class Attention(nn.Module):
         shape = (*x.shape[:-1], -1, self.head_dim)
         k_raw = self.k_proj(x).view(shape)
         v = self.v_proj(x).view(shape) if self.v_proj is not None else k_raw
-        k = self.k_norm(k_raw)
-        k = (k * cos.unsqueeze(2)) + (rotate_half(k) * sin.unsqueeze(2))
+        k = OPS.rope(self.k_norm(k_raw), cos.unsqueeze(2), sin.unsqueeze(2))
         return k.transpose(1, 2), self.v_norm(v).transpose(1, 2)
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, causal: bool) -> Tensor:
@@ -118,7 +147,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(inter, hidden, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.down_proj(F.gelu(self.gate_proj(x), approximate="tanh") * self.up_proj(x))
+        return self.down_proj(OPS.gelu_mul(self.gate_proj(x), self.up_proj(x)))
 
 
 class Router(nn.Module):
@@ -172,7 +201,7 @@ class Experts(nn.Module):
         offs = torch.cumsum(counts, dim=0, dtype=torch.int32)
         gu = grouped_mm(xs, self.gate_up_proj.transpose(-2, -1), offs)
         gate, up = gu.chunk(2, dim=-1)
-        y = grouped_mm(F.gelu(gate, approximate="tanh") * up, self.down_proj.transpose(-2, -1), offs)
+        y = grouped_mm(OPS.gelu_mul(gate, up), self.down_proj.transpose(-2, -1), offs)
         y = y * ws.unsqueeze(-1)  # fp32 (routing weights are fp32)
         inv = torch.empty_like(perm)
         inv[perm] = torch.arange(perm.numel(), device=perm.device)
@@ -243,7 +272,7 @@ class SelfConditioning(nn.Module):
 
     def forward(self, emb: Tensor, soft: Tensor) -> Tensor:
         n = self.pre_norm(soft)
-        return self.post_norm(emb + self.down_proj(F.gelu(self.gate_proj(n), approximate="tanh") * self.up_proj(n)))
+        return self.post_norm(emb + self.down_proj(OPS.gelu_mul(self.gate_proj(n), self.up_proj(n))))
 
 
 class KVCache:
@@ -285,7 +314,10 @@ class KVCache:
 
 
 class DiffusionGemma(nn.Module):
-    """Both passes over one set of weights. `encode` writes the cache; `denoise` reads it."""
+    """Both passes over one set of weights. `encode` writes the cache; `denoise` reads it.
+
+    The passes are differentiable (the tiny trainer uses them); backends call them under no_grad.
+    """
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -342,7 +374,6 @@ class DiffusionGemma(nn.Module):
         return torch.matmul(probs, w) * scale
 
     # -- encoder pass (prefill / commit) ---------------------------------------------------------
-    @torch.no_grad()
     def encode(self, ids: Tensor, cache: KVCache, last_logits: bool = False) -> Tensor | None:
         """Causal pass over ids [B,S] at positions [P, P+S); appends K/V to `cache` (spec §6).
 
@@ -390,7 +421,6 @@ class DiffusionGemma(nn.Module):
         return k_all, v_all
 
     # -- denoiser pass ----------------------------------------------------------------------------
-    @torch.no_grad()
     def denoise(self, canvas: Tensor, soft: Tensor | None, cache: KVCache) -> Tensor:
         """canvas [B,C] ids, soft [B,C,H] self-conditioning embeddings (None = zeros) -> logits [B,C,V] fp32.
 

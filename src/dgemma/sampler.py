@@ -91,7 +91,7 @@ class _Stopping:
         self.k, self.threshold = cfg.stability_threshold, cfg.confidence_threshold
         self.hist: Tensor | None = None
 
-    def __call__(self, argmax: Tensor, proc: Tensor) -> tuple[Tensor, Tensor]:
+    def __call__(self, argmax: Tensor, proc: Tensor, holes: Tensor | None = None) -> tuple[Tensor, Tensor]:
         if self.k == 0:
             stable = torch.ones(proc.shape[0], device=proc.device, dtype=torch.bool)
         else:
@@ -100,8 +100,29 @@ class _Stopping:
             stable = (self.hist == argmax[None]).all(dim=-1).all(dim=0)
             self.hist = torch.roll(self.hist, shifts=-1, dims=0)
             self.hist[-1] = argmax
-        mean_h = entropy(proc).mean(dim=-1)
+        mean_h = mean_entropy(proc, holes)
         return stable & (mean_h < self.threshold), mean_h
+
+
+def mean_entropy(proc: Tensor, holes: Tensor | None) -> Tensor:
+    """Mean per-position entropy [B]; with an infill template, over the holes only."""
+    h = entropy(proc)
+    if holes is None:
+        return h.mean(dim=-1)
+    return (h * holes).sum(-1) / holes.sum(-1).clamp(min=1)
+
+
+def check_template(template: Tensor | None, b: int, c: int, v: int, device) -> Tensor | None:
+    if template is None:
+        return None
+    if template.ndim != 2 or template.shape[0] != b or template.shape[1] % c or template.shape[1] == 0:
+        raise RequestError(f"infill template must be [batch={b}, k*{c}] (whole canvases) of ids or -1 for holes "
+                           f"(got shape {list(template.shape)}).")
+    lo, hi = int(template.min()), int(template.max())
+    if lo < -1 or hi >= v:
+        raise RequestError(f"infill template value {lo if lo < -1 else hi} is invalid: use -1 for a hole or a token "
+                           f"id in 0..{v - 1}.")
+    return template.to(device=device, dtype=torch.int64)
 
 
 def check_request(prompt: Tensor, cfg: SamplerConfig, backend: Backend) -> int:
@@ -129,15 +150,22 @@ def check_request(prompt: Tensor, cfg: SamplerConfig, backend: Backend) -> int:
 def generate(backend: Backend, prompt: Tensor, cfg: SamplerConfig, generator: torch.Generator,
              on_step: Callable[[StepEvent], None] | None = None,
              should_stop: Callable[[], bool] | None = None,
-             on_canvas: Callable[[int, Tensor], None] | None = None) -> GenerateResult:
+             on_canvas: Callable[[int, Tensor], None] | None = None,
+             template: Tensor | None = None) -> GenerateResult:
     """Block-diffusion generation, token for token equal to transformers' generate with the same RNG state.
 
     prompt [B,L] int64 on backend.device. on_step(StepEvent) after every denoising step; on_canvas(i,
     committed [B,C]) after every commit; should_stop() is polled before every step and raises Cancelled.
+
+    template [B, k*C] (infill / inline edit): ids >= 0 are fixed, -1 are holes; canvas i uses columns
+    [i*C, (i+1)*C) (canvases past the template are free). Fixed tokens are in the canvas at every step and
+    in the committed output; acceptance and the confidence stop look at the holes only. RNG draws are
+    unchanged, so a template of all holes gives exactly the plain result.
     """
     n_canvases = check_request(prompt, cfg, backend)
     device, b = prompt.device, prompt.shape[0]
     c, v = backend.canvas_length, backend.vocab_size
+    template = check_template(template, b, c, v, device)
     prompt_len = prompt.shape[1]
     seq = prompt.to(torch.int64)
     eos = None if cfg.ignore_eos or not cfg.eos_token_ids else torch.tensor(cfg.eos_token_ids, device=device)
@@ -150,6 +178,12 @@ def generate(backend: Backend, prompt: Tensor, cfg: SamplerConfig, generator: to
     for ci in range(n_canvases):
         backend.encode(state, enc_ids)
         canvas = torch.randint(0, v, (b, c), device=device, generator=generator)  # RNG-1
+        fixed = holes = tmpl = None
+        if template is not None and template.shape[1] > ci * c:
+            tmpl = template[:, ci * c : (ci + 1) * c]
+            fixed = tmpl >= 0
+            holes = (~fixed).float()
+            canvas = torch.where(fixed, tmpl, canvas)
         argmax = canvas
         soft: Tensor | None = None
         done = torch.zeros(b, dtype=torch.bool, device=device)
@@ -166,20 +200,25 @@ def generate(backend: Backend, prompt: Tensor, cfg: SamplerConfig, generator: to
             probs = torch.softmax(proc, dim=-1, dtype=torch.float32)
             samp = torch.multinomial(probs.view(-1, v), num_samples=1, generator=generator).view(b, c)  # RNG-2
             am = torch.argmax(proc, dim=-1)
-            acc = accept_mask(entropy(proc), cfg.entropy_bound)
+            h = entropy(proc)
+            if fixed is not None:  # fixed positions cost nothing in the entropy budget
+                h = torch.where(fixed, torch.zeros_like(h), h)
+            acc = accept_mask(h, cfg.entropy_bound)
             nxt = torch.where(acc, samp, canvas)
             noise = torch.randint(0, v, (b, c), device=device, generator=generator)  # RNG-3
             nxt = torch.where(~acc, noise, nxt)
+            if fixed is not None:
+                nxt, am = torch.where(fixed, tmpl, nxt), torch.where(fixed, tmpl, am)
             steps += 1
             if stopping is not None:
                 if done.any():  # stopped rows are frozen (spec §9.5)
                     am = torch.where(done[:, None], argmax, am)
                     nxt = torch.where(done[:, None], canvas, nxt)
                     next_soft = torch.where(done[:, None, None], soft, next_soft)
-                stop, mean_h = stopping(am, proc)
+                stop, mean_h = stopping(am, proc, holes)
                 done = done | stop
             else:
-                mean_h = entropy(proc).mean(dim=-1)
+                mean_h = mean_entropy(proc, holes)
             canvas, argmax, soft = nxt, am, next_soft
             if on_step is not None:
                 on_step(StepEvent(ci, steps, remaining, argmax, mean_h, done))

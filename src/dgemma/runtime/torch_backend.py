@@ -23,9 +23,11 @@ class TorchBackend:
     def length(self, state: KVCache) -> int:
         return state.length
 
+    @torch.no_grad()
     def encode(self, state: KVCache, ids: Tensor) -> None:
         self.model.encode(ids, state)
 
+    @torch.no_grad()
     def ar_step(self, state: KVCache, ids: Tensor) -> Tensor:
         """Autoregressive baseline: causal pass over ids [B,S] returning next-token logits [B,V]."""
         return self.model.encode(ids, state, last_logits=True)

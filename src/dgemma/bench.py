@@ -257,6 +257,8 @@ def run_ar_baseline(backend, prompt, tokens: int) -> dict:
     state = backend.new_state(prompt.shape[0])
     sync = (lambda: torch.cuda.synchronize(backend.device)) if backend.device.type == "cuda" else (lambda: None)
     logits = backend.ar_step(state, prompt)
+    for _ in range(3):  # warm-up: compilation / graph capture of the one-token step stay out of the timing
+        logits = backend.ar_step(state, logits.argmax(-1, keepdim=True))
     sync()
     t0 = time.perf_counter()
     for _ in range(tokens):

@@ -50,6 +50,16 @@ class Ops:
     def gelu_mul(gate: Tensor, up: Tensor) -> Tensor:
         return F.gelu(gate, approximate="tanh") * up
 
+    @staticmethod
+    def route(x: Tensor, scale: Tensor, proj: Tensor, per_expert_scale: Tensor, root: float, top_k: int,
+              eps: float) -> tuple[Tensor, Tensor]:
+        """x [T,H] raw residual -> weights [T,k] fp32, experts [T,k] int64 (spec §5.4)."""
+        z = Ops.rms_norm(x, None, eps) * scale * root
+        probs = F.softmax(F.linear(z, proj), dim=-1, dtype=torch.float32)
+        w, idx = torch.topk(probs, k=top_k, dim=-1)
+        w = w / w.sum(dim=-1, keepdim=True)
+        return w * per_expert_scale[idx], idx
+
 
 OPS = Ops()
 
@@ -62,7 +72,7 @@ def fuse_ops() -> None:
     for knob in ("recompile_limit", "cache_size_limit"):
         if hasattr(torch._dynamo.config, knob):
             setattr(torch._dynamo.config, knob, 64)
-    for name in ("rms_norm", "rope", "gelu_mul"):
+    for name in ("rms_norm", "rope", "gelu_mul", "route"):
         setattr(OPS, name, torch.compile(getattr(Ops, name)))
 
 
@@ -161,12 +171,8 @@ class Router(nn.Module):
         self.per_expert_scale = nn.Parameter(torch.ones(cfg.num_experts))
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """x [T,H] (raw residual) -> weights [T,k] fp32, experts [T,k] int64 (spec §5.4)."""
-        z = self.norm(x) * self.scale * self.root
-        probs = F.softmax(self.proj(z), dim=-1, dtype=torch.float32)
-        w, idx = torch.topk(probs, k=self.top_k, dim=-1)
-        w = w / w.sum(dim=-1, keepdim=True)
-        return w * self.per_expert_scale[idx], idx
+        return OPS.route(x, self.scale, self.proj.weight, self.per_expert_scale, self.root, self.top_k,
+                         self.norm.eps)
 
 
 class Experts(nn.Module):

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..model import Attention, DiffusionGemma, Experts, KVCache, grouped_mm
+from ..model import OPS, Attention, DiffusionGemma, Experts, KVCache, grouped_mm
 
 E4M3_MAX = 448.0
 _NOTES: set[str] = set()
@@ -39,6 +39,32 @@ def _quant_rows_eager(x: Tensor) -> tuple[Tensor, Tensor]:
 _QUANT = {"rows": _quant_rows_eager}
 
 
+def _dispatch_eager(idx: Tensor, e: int, a: int) -> tuple[Tensor, Tensor, Tensor]:
+    """idx [T,k] -> perm (sorted pair -> pair), dest (sorted pair -> padded row), offs int32 [E] (group ends).
+    Token groups are padded to multiples of `a` rows in a buffer of static size T*k + E*(a-1)."""
+    n = idx.numel()
+    expert_ids, perm = torch.sort(idx.reshape(-1))
+    counts = F.one_hot(expert_ids, e).sum(0)
+    padded = (counts + a - 1) // a * a
+    pend = torch.cumsum(padded, 0)
+    rank = torch.arange(n, device=idx.device) - (torch.cumsum(counts, 0) - counts)[expert_ids]
+    return perm, (pend - padded)[expert_ids] + rank, pend.to(torch.int32)
+
+
+def _scatter_rows_eager(x: Tensor, perm: Tensor, dest: Tensor, k: int, rows: int) -> Tensor:
+    xs = x.new_zeros(rows, x.shape[-1])
+    xs[dest] = x[perm // k]
+    return xs
+
+
+def _combine_eager(y: Tensor, dest: Tensor, weights: Tensor, perm: Tensor, t: int, k: int) -> Tensor:
+    y = y[dest] * weights.reshape(-1)[perm].unsqueeze(-1)
+    return y[torch.argsort(perm)].view(t, k, -1).sum(dim=1)
+
+
+_MOE = {"dispatch": _dispatch_eager, "scatter": _scatter_rows_eager, "combine": _combine_eager}
+
+
 def _quant_rows(x: Tensor) -> tuple[Tensor, Tensor]:
     return _QUANT["rows"](x)
 
@@ -52,6 +78,8 @@ def enable_fusion() -> None:
 
     fuse_ops()
     _QUANT["rows"] = torch.compile(_quant_rows_eager)
+    for name, fn in (("dispatch", _dispatch_eager), ("scatter", _scatter_rows_eager), ("combine", _combine_eager)):
+        _MOE[name] = torch.compile(fn)
 
 
 def _fake_quant(x: Tensor) -> Tensor:
@@ -151,24 +179,13 @@ class Fp8Experts(nn.Module):
 
     def forward(self, x: Tensor, weights: Tensor, idx: Tensor) -> Tensor:
         t, k = idx.shape
-        n, e, a = t * k, self.num_experts, self.ALIGN
-        expert_ids, perm = torch.sort(idx.reshape(-1))
-        hist_in = expert_ids.float() if x.device.type == "cpu" else expert_ids.int()
-        counts = torch.histc(hist_in, bins=e, min=0, max=e - 1).long()
-        padded = (counts + a - 1) // a * a
-        pend = torch.cumsum(padded, 0)
-        # row of sorted pair j in the padded layout: its group's padded start + its rank inside the group
-        rank = torch.arange(n, device=x.device) - (torch.cumsum(counts, 0) - counts)[expert_ids]
-        dest = (pend - padded)[expert_ids] + rank
-        xs = x.new_zeros(n + e * (a - 1), x.shape[-1])  # static upper bound: no shape depends on the routing
-        xs[dest] = x[perm // k]
-        offs = pend.to(torch.int32)
+        e, a = self.num_experts, self.ALIGN
+        perm, dest, offs = _MOE["dispatch"](idx, e, a)
+        # static upper bound on padded rows: no shape depends on the routing
+        xs = _MOE["scatter"](x, perm, dest, k, t * k + e * (a - 1))
         gate, up = self._mm(xs, "gate_up_proj", offs).chunk(2, dim=-1)
-        y = self._mm(F.gelu(gate, approximate="tanh") * up, "down_proj", offs)[dest]
-        y = y * weights.reshape(-1)[perm].unsqueeze(-1)
-        inv = torch.empty_like(perm)
-        inv[perm] = torch.arange(n, device=perm.device)
-        return y[inv].view(t, k, -1).sum(dim=1).to(x.dtype)
+        y = self._mm(OPS.gelu_mul(gate, up), "down_proj", offs)
+        return _MOE["combine"](y, dest, weights, perm, t, k).to(x.dtype)
 
 
 @torch.no_grad()

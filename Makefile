@@ -13,7 +13,7 @@ SCENARIO ?= anchor,adaptive
 BACKEND ?= torch
 BENCH_ARGS ?=
 
-.PHONY: venv demo test test-gpu clean-venv init-tiny generate profiles bench report
+.PHONY: venv demo test test-gpu clean-venv init-tiny train-tiny eval generate profiles bench report
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -26,12 +26,25 @@ venv: $(STAMP)
 init-tiny: $(STAMP)
 	$(PY) -m dgemma init-tiny build/checkpoints/tiny
 
-# The main job end to end on the embedded tiny default.
+# The main job end to end on the embedded tiny default (a DiffusionGemma trained to sort digits).
 demo: $(STAMP)
-	@echo "== dgemma demo: tiny DiffusionGemma on CPU =="
-	$(PY) -m dgemma init-tiny build/checkpoints/tiny
-	$(PY) -m dgemma generate --prompt "Why is the sky blue?" --seed $(SEED) --stream
-	$(PY) -m dgemma generate --prompt "Why is the sky blue?" --seed $(SEED) --json
+	@echo "== dgemma demo: the embedded tiny DiffusionGemma (trained to sort digits) on CPU =="
+	$(PY) -m dgemma generate --prompt "sort: 3 1 4 1 5 9 2 6 5 3" --seed $(SEED) --stream
+	$(PY) -m dgemma generate --prompt "sort: 8 0 7 2 2 9 4 1 6 3" --seed $(SEED) --json
+	@echo "== infill: fixed tokens stay fixed, only the holes (_) are denoised =="
+	$(PY) -m dgemma generate --prompt "sort: 8 0 7 2 2 9 4 1 6 3" --infill "0 1 _ _ _ _ _ _ _ _ _ _ _ _ _ _ 8 9" --seed $(SEED)
+	@echo "== held-out accuracy, adaptive stopping vs fixed 16 steps =="
+	$(PY) -m dgemma eval --n 100
+	$(PY) -m dgemma eval --n 100 --steps 16 --fixed-steps
+	@echo "== benchmark summary (reduced CPU form) =="
+	$(PY) -m dgemma bench --gpu cpu --scenario anchor,adaptive --out build/demo-bench 2>/dev/null
+
+# Retrain the embedded default (deterministic for a seed; ~12 minutes on 2 cores).
+train-tiny: $(STAMP)
+	$(PY) -m dgemma train-tiny build/checkpoints/tiny-sort --seed $(SEED)
+
+eval: $(STAMP)
+	$(PY) -m dgemma eval $(if $(CKPT),--checkpoint $(CKPT)) --n 100
 
 profiles: $(STAMP)
 	$(PY) -m dgemma profiles

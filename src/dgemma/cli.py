@@ -29,8 +29,6 @@ def _int_arg(name: str, value, lo: int | None = None, hi: int | None = None, fix
 
 def load_model(checkpoint: str | None, device: str, dtype: str | None):
     """-> (model, model config, sampler defaults, tokenizer or None)."""
-    import torch
-
     from .checkpoint import load_checkpoint
     from .config import FULL_SIZE, SamplerConfig
     from .model import DiffusionGemma
@@ -43,7 +41,6 @@ def load_model(checkpoint: str | None, device: str, dtype: str | None):
     path = Path(checkpoint) if checkpoint else ensure_tiny()
     ck = load_checkpoint(path, device=device, dtype=dtype)
     tok = Tokenizer(path) if (path / "tokenizer.json").exists() else None
-    torch.set_grad_enabled(False)
     return ck.model, ck.config, ck.sampler, tok
 
 
@@ -70,6 +67,11 @@ def cmd_generate(args) -> int:
     if args.fixed_steps:
         over["adaptive_stopping"] = False
     sampler = sampler.replace(**over)
+    template = None
+    if args.infill is not None:
+        if tok is None:
+            raise ConfigError("--infill needs a checkpoint with a tokenizer.json.")
+        template = infill_template(tok, args.infill, cfg.canvas_length, sampler.max_new_tokens)
     if args.prompt_ids is not None:
         try:
             ids = [int(x) for x in args.prompt_ids.split(",") if x.strip()]
@@ -95,7 +97,8 @@ def cmd_generate(args) -> int:
 
     t0 = time.perf_counter()
     res = generate(backend, prompt, sampler, torch.Generator(device=backend.device).manual_seed(seed),
-                   on_step=on_step if args.stream else None, on_canvas=on_canvas if args.stream else None)
+                   on_step=on_step if args.stream else None, on_canvas=on_canvas if args.stream else None,
+                   template=None if template is None else template.to(backend.device))
     dt = time.perf_counter() - t0
     new = res.new_tokens[0].tolist()
     text = tok.decode(new) if tok else ""
@@ -113,6 +116,59 @@ def cmd_generate(args) -> int:
     else:
         print(f"-- steps per canvas {res.steps_per_canvas}, tokens per forward {out['tokens_per_forward']}, "
               f"{dt:.2f} s", file=sys.stderr)
+    return 0
+
+
+def infill_template(tok, text: str, canvas: int, max_new_tokens: int):
+    """'1 _ 3 _' -> [1, k*C] ids with -1 holes: every '_' is one hole token, other text is fixed tokens;
+    the rest of the last canvas is holes."""
+    import math
+
+    import torch
+
+    ids: list[int] = []
+    for i, part in enumerate(text.split("_")):
+        if i:
+            ids.append(-1)
+        ids += tok.encode(part) if part else []
+    k = max(1, math.ceil(len(ids) / canvas), math.ceil(max_new_tokens / canvas))
+    if len(ids) > k * canvas:
+        raise ConfigError(f"--infill template has {len(ids)} tokens; {k} canvas(es) hold {k * canvas}.")
+    return torch.tensor([ids + [-1] * (k * canvas - len(ids))], dtype=torch.int64)
+
+
+def cmd_train_tiny(args) -> int:
+    from .train import train_tiny
+
+    steps = _int_arg("--steps", args.steps, 1, None)
+    seed = _int_arg("--seed", args.seed, 0, 2**63 - 1)
+    res = train_tiny(args.out_dir, steps=steps, batch=_int_arg("--batch", args.batch, 1, None), seed=seed,
+                     time_budget_s=float(args.time_budget) if args.time_budget else None)
+    tail = res["losses"][-20:]
+    print(f"trained {res['steps']} steps in {res['seconds']:.0f} s; loss {res['losses'][0]:.3f} -> "
+          f"{sum(tail) / len(tail):.4f}; wrote {args.out_dir}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from .tiny import DEFAULT_CHECKPOINT
+    from .train import evaluate
+
+    ck = args.checkpoint or DEFAULT_CHECKPOINT
+    n = _int_arg("--n", args.n, 1, None)
+    steps = _int_arg("--steps", args.steps, 1, 48)
+    backend = None
+    if args.backend != "torch" or args.precision != "bf16":
+        from .checkpoint import load_checkpoint
+
+        backend = make_backend(args.backend, load_checkpoint(ck).model, args.precision, 256)
+    res = evaluate(ck, task=args.task, n=n, steps=steps, fixed_steps=args.fixed_steps, backend=backend)
+    res.update(backend=args.backend, precision=args.precision, checkpoint=str(ck))
+    print(json.dumps(res) if args.json else
+          f"{res['task']}: accuracy {res['accuracy']:.2%} on {res['n']} held-out, steps/canvas "
+          f"{res['mean_steps_per_canvas']:.2f}, tokens/forward {res['tokens_per_forward']:.2f} "
+          f"({'fixed' if not res['adaptive'] else 'adaptive'}, max {res['max_denoising_steps']} steps, "
+          f"{args.backend}/{args.precision})")
     return 0
 
 
@@ -230,8 +286,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="cmd", required=True)
 
     g = sub.add_parser("generate", help="generate with the canvas sampler")
-    g.add_argument("--checkpoint", help=f"checkpoint dir (default: the tiny default), or '{SYNTHETIC}' (full size, "
-                                        "random weights)")
+    g.add_argument("--checkpoint", help=f"checkpoint dir (default: the embedded trained tiny model), or "
+                                        f"'{SYNTHETIC}' (full size, random weights)")
     src = g.add_mutually_exclusive_group()
     src.add_argument("--prompt", help="user message; rendered with the Gemma chat template")
     src.add_argument("--prompt-ids", help="raw prompt token ids, comma-separated (no template)")
@@ -244,6 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default="cpu")
     g.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], help="default: the checkpoint's dtype")
     g.add_argument("--max-context", help="KV buffer capacity in tokens (prompt + output)")
+    g.add_argument("--infill", help="canvas template: '_' = one hole token, other text stays fixed at every step")
     g.set_defaults(func=cmd_generate)
 
     b = sub.add_parser("bench", help="run benchmark scenarios (bench/scenarios/*.toml), write JSON results")
@@ -267,6 +324,25 @@ def build_parser() -> argparse.ArgumentParser:
 
     pr = sub.add_parser("profiles", help="list GPU profiles and what each supports")
     pr.set_defaults(func=cmd_profiles)
+
+    tt = sub.add_parser("train-tiny", help="train the tiny DiffusionGemma (sorting) on CPU, write a checkpoint")
+    tt.add_argument("out_dir")
+    tt.add_argument("--steps", default="1300")
+    tt.add_argument("--batch", default="64")
+    tt.add_argument("--seed", default="0")
+    tt.add_argument("--time-budget", help="stop after this many seconds (then the step count is not deterministic)")
+    tt.set_defaults(func=cmd_train_tiny)
+
+    ev = sub.add_parser("eval", help="task accuracy, steps per canvas, tokens per forward on a held-out set")
+    ev.add_argument("--task", default="sort")
+    ev.add_argument("--checkpoint", help="default: the embedded trained tiny model")
+    ev.add_argument("--n", default="100")
+    ev.add_argument("--steps", help="max denoising steps (default: generation_config)")
+    ev.add_argument("--fixed-steps", action="store_true")
+    ev.add_argument("--backend", default="torch")
+    ev.add_argument("--precision", default="bf16")
+    ev.add_argument("--json", action="store_true")
+    ev.set_defaults(func=cmd_eval)
 
     t = sub.add_parser("init-tiny", help="write the tiny random DiffusionGemma checkpoint (real layout)")
     t.add_argument("out_dir")

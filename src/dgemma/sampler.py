@@ -181,7 +181,8 @@ def generate(backend: Backend, prompt: Tensor, cfg: SamplerConfig, generator: to
 
     template [B, k*C] (infill / inline edit): ids >= 0 are fixed, -1 are holes; canvas i uses columns
     [i*C, (i+1)*C) (canvases past the template are free). Fixed tokens are in the canvas at every step and
-    in the committed output; acceptance and the confidence stop look at the holes only. RNG draws are
+    in the committed output (also after an EOS, which pads only holes); acceptance and the confidence stop
+    look at the holes only. RNG draws are
     unchanged, so a template of all holes gives exactly the plain result.
     """
     n_canvases = check_request(prompt, cfg, backend)
@@ -247,6 +248,8 @@ def generate(backend: Backend, prompt: Tensor, cfg: SamplerConfig, generator: to
         steps_per_canvas.append(steps)
         seq = torch.cat([seq, argmax], dim=-1)  # commit the argmax canvas, not the sampled one
         seq, finished = finalize_canvas(seq, finished, c, eos, cfg.pad_token_id)
+        if fixed is not None:  # the caller's fixed tokens survive EOS padding too
+            seq[:, -c:] = torch.where(fixed, tmpl, seq[:, -c:])
         if on_canvas is not None:
             on_canvas(ci, seq[:, -c:])
         if torch.all(finished):

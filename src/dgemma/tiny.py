@@ -1,7 +1,9 @@
-"""The tiny default checkpoint: a DiffusionGemma-shaped model small enough for CI, in the real layout.
+"""Tiny checkpoints in the real layout: the trained embedded default and the random one for parity tests.
 
-`write_tiny(dir)` writes config.json, generation_config.json, model.safetensors and a byte-level
-tokenizer.json; it is loaded by exactly the same code as the real checkpoint (dgemma.checkpoint).
+The embedded default (`DEFAULT_CHECKPOINT`, committed under dgemma/assets/tiny-sort) is a 1.2 M-parameter
+DiffusionGemma trained on CPU to sort digits (dgemma.train). `write_tiny(dir)` writes a random tiny model
+(config.json, generation_config.json, model.safetensors, byte-level tokenizer.json). Both load through
+exactly the same code as the real checkpoint (dgemma.checkpoint).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from .model import DiffusionGemma
 from .tokens import build_byte_tokenizer
 
 DEFAULT_DIR = Path(__file__).resolve().parents[2] / "build" / "checkpoints" / "tiny"
+DEFAULT_CHECKPOINT = Path(__file__).resolve().parent / "assets" / "tiny-sort"
 
 
 def tiny_sampler(cfg: ModelConfig = TINY) -> SamplerConfig:
@@ -29,7 +32,10 @@ def write_tiny(out_dir: str | Path = DEFAULT_DIR, seed: int = 0, cfg: ModelConfi
     return save_checkpoint(model, out_dir, tiny_sampler(cfg), extra_files={"tokenizer.json": tok.to_str().encode()})
 
 
-def ensure_tiny(path: str | Path = DEFAULT_DIR) -> Path:
+def ensure_tiny(path: str | Path | None = None) -> Path:
+    """The embedded trained default, or (given a path) a random tiny checkpoint written there if missing."""
+    if path is None:
+        return DEFAULT_CHECKPOINT
     path = Path(path)
     if not (path / "config.json").exists():
         write_tiny(path)

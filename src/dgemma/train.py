@@ -82,10 +82,15 @@ def denoise_train(model: DiffusionGemma, prompt: torch.Tensor, canvas: torch.Ten
     return model.denoise(canvas, soft, cache)
 
 
-def train_tiny(out_dir: str | Path, steps: int = 1200, batch: int = 64, lr: float = 3e-3, seed: int = 0,
+def train_tiny(*args, **kwargs) -> dict:
+    """Train and write a checkpoint (real layout, with tokenizer). Returns {'losses', 'seconds', 'steps'}."""
+    with torch.enable_grad():
+        return _train(*args, **kwargs)
+
+
+def _train(out_dir: str | Path, steps: int = 1200, batch: int = 64, lr: float = 3e-3, seed: int = 0,
                task: str = "sort", cfg: ModelConfig = TRAINED_TINY, log_every: int = 50,
                time_budget_s: float | None = None) -> dict:
-    """Train and write a checkpoint (real layout, with tokenizer). Returns {'losses', 'seconds', 'steps'}."""
     t = get_task(task)
     torch.manual_seed(seed)
     rng = random.Random(seed)

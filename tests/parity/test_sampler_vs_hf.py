@@ -97,3 +97,42 @@ def test_rows_stopping_at_different_steps_match(hf_checkpoints):
     # each row stops one step after it turns confident (stability needs two equal argmax canvases)
     assert res.forward_passes.tolist() == [2 * (s + 1) for s in stop_at]
     assert res.steps_per_canvas == [21, 21]
+
+
+def test_trained_checkpoint_real_adaptive_stopping_matches_transformers():
+    """The committed trained model converges for real: rows stop at different steps; transformers agrees."""
+    import random
+
+    from pathlib import Path
+
+    from transformers import DiffusionGemmaForBlockDiffusion
+
+    from dgemma.tiny import DEFAULT_CHECKPOINT
+    from dgemma.tokens import Tokenizer
+    from dgemma.train import SortTask, encode_batch
+
+    import json
+
+    # transformers reads our checkpoint as is; only a (tiny) vision config is added so it does not build the
+    # default 16-layer vision tower, whose weights the text-only checkpoint does not carry
+    import shutil
+    import tempfile
+
+    d = Path(tempfile.mkdtemp())
+    cfg = json.loads((DEFAULT_CHECKPOINT / "config.json").read_text())
+    cfg["vision_config"] = dict(model_type="gemma4_vision", hidden_size=32, intermediate_size=64,
+                                num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2, head_dim=16)
+    (d / "config.json").write_text(json.dumps(cfg))
+    shutil.copy(DEFAULT_CHECKPOINT / "model.safetensors", d / "model.safetensors")
+    hf = DiffusionGemmaForBlockDiffusion.from_pretrained(d, dtype=torch.bfloat16).eval()
+    ck = load_checkpoint(DEFAULT_CHECKPOINT)
+    tok = Tokenizer(DEFAULT_CHECKPOINT)
+    pairs = [SortTask().example(random.Random(100 + s)) for s in range(3)]
+    prompt, _ = encode_batch(tok, ck.config, pairs)
+    for seed in (0, 1):
+        ref = _hf_generate(hf, prompt, seed, 64, [1, 106, 50], 0.005, 1)
+        ours = generate(TorchBackend(ck.model, max_context=256), prompt, ck.sampler.replace(max_new_tokens=64),
+                        torch.Generator().manual_seed(seed))
+        assert torch.equal(ours.sequences, ref.sequences)
+        torch.testing.assert_close(ours.tokens_per_forward, ref.tokens_per_forward.float(), rtol=0, atol=0)
+        assert max(ours.steps_per_canvas) < 48

@@ -230,7 +230,7 @@ def cmd_bench(args) -> int:
         sc = sc.fit(target.gpu, cfg)
         print(f"== {sc.name}: {sc.description}", file=sys.stderr)
         with Telemetry(torch.device(device)) as tel:
-            res = run_scenario(backend, cfg, base, sc, seed=args.seed)
+            res = run_scenario(backend, cfg, base, sc, seed=_int_arg("--seed", args.seed, 0, 2**31 - 1))
         hbm = args.measured_gbs or target.gpu.hbm_gbs
         roof = roofline(cfg, target.precision, sc.prompt_tokens + sc.max_new_tokens // 2, hbm, sc.batch)
         m = res["metrics"]
@@ -310,7 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--backend", default="torch", help="torch | fast")
     b.add_argument("--checkpoint", help=f"checkpoint dir, or '{SYNTHETIC}' (default on a GPU profile)")
     b.add_argument("--device", help="default: cuda for GPU profiles, cpu for 'cpu'")
-    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--seed", default="0")
     b.add_argument("--measured-gbs", type=float, help="use a measured copy bandwidth for the roofline")
     b.add_argument("--out", default=str(Path(__file__).resolve().parents[2] / "bench" / "results"))
     b.set_defaults(func=cmd_bench)

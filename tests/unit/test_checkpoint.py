@@ -149,3 +149,45 @@ def test_config_validation():
         ModelConfig(num_hidden_layers=1, layer_types=("sliding_attention",))
     with pytest.raises(Exception, match="num_global_key_value_heads=3 must divide num_attention_heads=16"):
         ModelConfig(num_global_key_value_heads=3)
+
+
+_PEAK_SCRIPT = r"""
+import sys, threading, time, torch
+from dgemma.checkpoint import load_checkpoint
+
+def anon_kb():
+    for line in open("/proc/self/status"):
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1])
+
+peak, stop = [anon_kb()], threading.Event()
+def poll():
+    while not stop.is_set():
+        peak.append(anon_kb()); time.sleep(0.002)
+base = anon_kb()
+t = threading.Thread(target=poll); t.start()
+ck = load_checkpoint(sys.argv[1], dtype=sys.argv[2])
+stop.set(); t.join()
+print((max(peak) - base) * 1024)
+"""
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_loading_holds_one_copy_of_the_weights(tmp_path, dtype):
+    """Peak anonymous memory while loading = one copy in the target dtype + at most one tensor being converted."""
+    import subprocess
+    import sys
+
+    cfg = TINY.replace(vocab_size=16384, hidden_size=1024, intermediate_size=2048, moe_intermediate_size=256,
+                       num_experts=16, top_k_experts=2, num_attention_heads=8, num_key_value_heads=4, head_dim=128,
+                       global_head_dim=256)
+    model = DiffusionGemma.random(cfg, dtype=torch.float32)
+    out = save_checkpoint(model, tmp_path / "mid", SamplerConfig())
+    size = (out / "model.safetensors").stat().st_size
+    largest = max(p.numel() * 4 for p in model.parameters())  # fp32 file: one tensor read before conversion
+    del model
+    r = subprocess.run([sys.executable, "-c", _PEAK_SCRIPT, str(out), dtype], capture_output=True, text=True,
+                       check=True)
+    peak = int(r.stdout.strip().splitlines()[-1])
+    want = size if dtype == "float32" else size / 2 + largest
+    assert size > 150e6 and peak < 1.1 * want, (peak / 1e6, want / 1e6)

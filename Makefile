@@ -13,7 +13,7 @@ SCENARIO ?= anchor,adaptive
 BACKEND ?= torch
 BENCH_ARGS ?=
 
-.PHONY: venv demo test test-gpu clean-venv init-tiny train-tiny eval generate profiles bench report
+.PHONY: venv demo test test-gpu clean-venv init-tiny train-tiny eval generate profiles bench report onnx engines
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -61,6 +61,14 @@ report: $(STAMP)
 
 generate: $(STAMP)
 	$(PY) -m dgemma generate $(if $(CKPT),--checkpoint $(CKPT)) --prompt "$(PROMPT)" --seed $(SEED)
+
+# ONNX graphs (encoder, denoiser) -> build/onnx/$(PRECISION)/; PRECISION=fp32 gives graphs ONNX Runtime CPU runs.
+onnx: $(STAMP)
+	$(PY) -m dgemma export --precision $(PRECISION) $(if $(CKPT),--checkpoint $(CKPT))
+
+# TensorRT engines -> engines/$(GPU)/$(PRECISION)/; GPU=cpu builds ahead of time with TensorRT-RTX (SM120, SM89).
+engines: $(STAMP)
+	$(PY) -m dgemma build --gpu $(GPU) --precision $(PRECISION)
 
 # CPU suite; the GPU is hidden like ModelOpt's CPU unit tests.
 test: $(STAMP)

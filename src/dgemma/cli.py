@@ -198,7 +198,12 @@ def make_backend(name: str, model, precision: str, max_context: int | None):
         elif precision == "nvfp4":
             raise ConfigError("backend 'fast' has no NVFP4 kernels (Hopper has no FP4 tensor cores); use fp8.")
         return FastBackend(model, max_context=max_context)
-    raise ConfigError(f"unknown backend {name!r}; valid here: torch, fast (ort/trt/triton arrive with their stages).")
+    if name == "ort":
+        from .runtime.ort_backend import OrtBackend
+
+        return OrtBackend(Path(__file__).resolve().parents[2] / "build" / "onnx" / precision, cfg=model.cfg,
+                          max_context=max_context)
+    raise ConfigError(f"unknown backend {name!r}; valid here: torch, fast, ort (trt/triton arrive with their stages).")
 
 
 def cmd_bench(args) -> int:
@@ -343,6 +348,11 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--precision", default="bf16")
     ev.add_argument("--json", action="store_true")
     ev.set_defaults(func=cmd_eval)
+
+    from . import engine_build, export
+
+    export.add_parsers(sub)
+    engine_build.add_parsers(sub)
 
     t = sub.add_parser("init-tiny", help="write the tiny random DiffusionGemma checkpoint (real layout)")
     t.add_argument("out_dir")

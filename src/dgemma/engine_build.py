@@ -1,0 +1,195 @@
+"""TensorRT engines from the exported ONNX graphs: engines/<gpu>/<precision>/{encoder,denoiser}.plan + manifest.json.
+
+Owns the one builder over the TensorRT Python API (`tensorrt` if importable, else `tensorrt_rtx`): strongly typed
+network, one optimisation profile per graph from dgemma.graphs + the GpuProfile, explicit compute capabilities
+(GPU=cpu: TensorRT-RTX ahead-of-time on the CPU for SM120 and SM89), and the manifest that ties an engine to its
+ONNX manifest. Refuses stale or mismatched inputs with the make command that rebuilds. Knows nothing of sampling.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+from . import graphs
+from .config import ModelConfig
+from .errors import ArtifactError, ConfigError
+from .export import DEFAULT_OUT as ONNX_ROOT
+from .export import read_manifest, verify_files
+from .profiles import GpuProfile, resolve
+
+ROOT = Path(__file__).resolve().parents[2]
+ENGINES = ROOT / "engines"
+CPU_AOT_SM = (120, 89)  # GPU=cpu: build for RTX Blackwell (and Ada) ahead of time, no GPU needed
+RTX_SM = (75, 80, 86, 89, 120, 121)  # what TensorRT-RTX 1.7 can target (no Hopper sm_90, no sm_100)
+
+
+def import_trt(gpu: GpuProfile):
+    """-> (module, flavour). Full TensorRT where importable, TensorRT-RTX otherwise; refuses impossible pairs."""
+    try:
+        import tensorrt as trt  # full TensorRT (NGC container)
+
+        return trt, "tensorrt"
+    except ImportError:
+        pass
+    try:
+        import tensorrt_rtx as trt
+    except ImportError:
+        raise ConfigError("neither `tensorrt` nor `tensorrt_rtx` is importable; install the export extra "
+                          "(pip install -e '.[export]') or run in the TensorRT NGC container.") from None
+    if gpu.sm and gpu.sm not in RTX_SM:
+        raise ConfigError(f"GPU profile {gpu.name!r} is compute capability {gpu.sm / 10:.1f}; TensorRT-RTX only "
+                          f"targets {', '.join(f'{s / 10:.1f}' for s in RTX_SM)}. Build {gpu.name} engines with full "
+                          "TensorRT (NGC container nvcr.io/nvidia/tensorrt) where `import tensorrt` works.")
+    return trt, "tensorrt_rtx"
+
+
+def target_sms(gpu: GpuProfile, flavour: str) -> tuple[int, ...]:
+    if gpu.sm == 0:
+        if flavour != "tensorrt_rtx":
+            raise ConfigError("GPU=cpu builds ahead of time with TensorRT-RTX, but full `tensorrt` was imported; "
+                              "use --gpu <profile> on the GPU machine instead.")
+        return CPU_AOT_SM
+    return (gpu.sm,)
+
+
+def _parse(trt, logger, path: Path, flavour: str):
+    builder = trt.Builder(logger)
+    flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+    network = builder.create_network(flags)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(path)):
+        errs = [parser.get_error(i).desc() for i in range(parser.num_errors)]
+        raise ArtifactError(f"{path}: the TensorRT ({flavour}) ONNX parser rejects it: {'; '.join(errs[:3])}. "
+                            "Re-export with `make onnx`.")
+    return builder, network, parser
+
+
+def build_graph(trt, flavour: str, onnx_path: Path, graph: str, cfg: ModelConfig, gpu: GpuProfile,
+                precision: str, sms: tuple[int, ...], workspace_gib: float | None = None) -> bytes:
+    """One serialized engine for one graph (one optimisation profile covering the GpuProfile's shapes)."""
+    logger = trt.Logger(trt.Logger.ERROR)
+    builder, network, _parser = _parse(trt, logger, onnx_path, flavour)
+    config = builder.create_builder_config()
+    profile = builder.create_optimization_profile()
+    for name, (lo, opt, hi) in graphs.profile_shapes(graph, cfg, gpu, precision).items():
+        profile.set_shape(name, lo, opt, hi)
+    config.add_optimization_profile(profile)
+    if workspace_gib:
+        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gib * 2**30))
+    if flavour == "tensorrt_rtx":
+        config.num_compute_capabilities = len(sms)
+        for k, sm in enumerate(sms):
+            config.set_compute_capability(getattr(trt.ComputeCapability, f"SM{sm}"), k)
+    plan = builder.build_serialized_network(network, config)
+    if plan is None or plan.nbytes == 0:
+        raise ArtifactError(f"TensorRT ({flavour}) failed to build the {graph} engine from {onnx_path} for "
+                            f"SM {', '.join(map(str, sms))} (see the log above).")
+    return bytes(plan)
+
+
+def _file_sha(path: Path) -> str:
+    from .export import file_sha256
+
+    return file_sha256(path)
+
+
+def build_engines(gpu: str, precision: str, onnx_root: str | Path = ONNX_ROOT, out_root: str | Path = ENGINES,
+                  onnx_precision: str | None = None) -> Path:
+    """engines/<gpu>/<precision>/{encoder,denoiser}.plan + manifest.json, written atomically.
+
+    onnx_precision: which build/onnx/<p>/ to read (default: `precision`; fp32 graphs serve tests on CPU).
+    """
+    target = resolve(gpu, precision)
+    prof = target.gpu
+    onnx_precision = onnx_precision or precision
+    onnx_dir = Path(onnx_root) / onnx_precision
+    m = read_manifest(onnx_dir)
+    fix = f"Rebuild with `make onnx PRECISION={onnx_precision}`."
+    if m.get("precision") != onnx_precision:
+        raise ArtifactError(f"{onnx_dir}/manifest.json says precision {m.get('precision')!r}, expected "
+                            f"{onnx_precision!r}. {fix}")
+    verify_files(onnx_dir, m)
+    cfg = ModelConfig.from_hf_dict(m["model_config"], source=str(onnx_dir / "manifest.json"))
+    if m.get("contract_sha256") != graphs.contract_hash(cfg, onnx_precision):
+        raise ArtifactError(f"{onnx_dir}: IO contract {m.get('contract_sha256')} in the manifest, this dgemma "
+                            f"expects {graphs.contract_hash(cfg, onnx_precision)} (graphs.py changed). {fix}")
+    trt, flavour = import_trt(prof)
+    sms = target_sms(prof, flavour)
+    out_root = Path(out_root)
+    final = out_root / prof.name / precision
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{precision}-", dir=final.parent))
+    try:
+        info = {}
+        for g in graphs.GRAPHS:
+            t0 = time.perf_counter()
+            plan = build_graph(trt, flavour, onnx_dir / g / "model.onnx", g, cfg, prof, onnx_precision, sms)
+            (tmp / f"{g}.plan").write_bytes(plan)
+            info[g] = {"bytes": len(plan), "seconds": round(time.perf_counter() - t0, 3),
+                       "sha256": hashlib.sha256(plan).hexdigest(),
+                       "profile": {k: [list(s) for s in v]
+                                   for k, v in graphs.profile_shapes(g, cfg, prof, onnx_precision).items()}}
+        manifest = {
+            "schema": 1, "stage": "engines", "gpu_profile": prof.__dict__ | {"precisions": [p.value for p in
+                                                                                           prof.precisions]},
+            "precision": precision, "onnx_precision": onnx_precision, "compute_capabilities": list(sms),
+            "tensorrt": {"flavour": flavour, "version": trt.__version__},
+            "onnx_dir": str(onnx_dir), "onnx_manifest_sha256": _file_sha(onnx_dir / "manifest.json"),
+            "contract_sha256": m.get("contract_sha256"), "engines": info,
+        }
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
+        if final.exists():
+            old = final.parent / f".old-{precision}-{os.getpid()}"
+            final.rename(old)
+            tmp.rename(final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+def check_engines(engine_dir: str | Path, onnx_root: str | Path = ONNX_ROOT) -> dict:
+    """The engine manifest, after checking it still matches the ONNX it was built from (else: make engines)."""
+    engine_dir = Path(engine_dir)
+    try:
+        m = json.loads((engine_dir / "manifest.json").read_text())
+    except FileNotFoundError:
+        raise ArtifactError(f"{engine_dir}/manifest.json not found. Run `make engines GPU=... PRECISION=...`.") from None
+    onnx_manifest = Path(onnx_root) / m["onnx_precision"] / "manifest.json"
+    got = _file_sha(onnx_manifest) if onnx_manifest.exists() else "missing"
+    if got != m["onnx_manifest_sha256"]:
+        raise ArtifactError(f"{engine_dir}: built from ONNX manifest {m['onnx_manifest_sha256'][:12]}..., but "
+                            f"{onnx_manifest} is now {got[:12]}... (stale engines). Rebuild with `make engines "
+                            f"GPU={m['gpu_profile']['name']} PRECISION={m['precision']}`.")
+    return m
+
+
+# -- CLI --------------------------------------------------------------------------------------------------------
+def cli_build(args) -> int:
+    t0 = time.perf_counter()
+    out = build_engines(args.gpu, args.precision, args.onnx, args.out, onnx_precision=args.onnx_precision)
+    m = json.loads((out / "manifest.json").read_text())
+    for g, e in m["engines"].items():
+        print(f"{g}: {out / (g + '.plan')} ({e['bytes'] / 1e6:.2f} MB, {e['seconds']:.1f} s)")
+    print(f"{m['tensorrt']['flavour']} {m['tensorrt']['version']}, SM {m['compute_capabilities']}; wrote "
+          f"{out / 'manifest.json'} in {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
+def add_parsers(sub) -> None:
+    b = sub.add_parser("build", help="build TensorRT engines from build/onnx/<precision>/ (engines/<gpu>/<precision>/)")
+    b.add_argument("--gpu", default="cpu", help="GPU profile (cpu: TensorRT-RTX ahead-of-time for SM120 + SM89)")
+    b.add_argument("--precision", default="bf16")
+    b.add_argument("--onnx-precision", help="read build/onnx/<this>/ instead (e.g. fp32 graphs)")
+    b.add_argument("--onnx", default=str(ONNX_ROOT))
+    b.add_argument("--out", default=str(ENGINES))
+    b.set_defaults(func=cli_build)

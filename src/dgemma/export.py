@@ -1,0 +1,368 @@
+"""Export of the native model's two passes to ONNX: `encoder` and `denoiser` graphs + manifest.json.
+
+Owns the export wrappers (flat per-layer K/V tensors in and out, masks built inside from the shapes), the
+torch.onnx.export call (dynamo first, legacy TorchScript exporter as fallback), external data for models over
+2 GB, onnx.checker, and the atomic output layout build/onnx/<precision>/{encoder,denoiser}/model.onnx +
+manifest.json. Names and dims come from dgemma.graphs. Knows nothing of sampling, ONNX Runtime or TensorRT.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from . import graphs
+from .errors import ArtifactError, ConfigError
+from .model import DiffusionGemma, _repeat_kv
+
+ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_OUT = ROOT / "build" / "onnx"
+MANIFEST = "manifest.json"
+TWO_GB = 2**31 - 1
+OPSET = 18
+
+
+# -- wrappers ---------------------------------------------------------------------------------------------------
+def _attend(attn, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
+    """SDPA, scale 1.0, GQA by repeat_kv (the legacy exporter cannot convert enable_gqa)."""
+    if attn.groups > 1:
+        k, v = _repeat_kv(k, attn.groups), _repeat_kv(v, attn.groups)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0)
+
+
+def causal_mask(s: int, keys: Tensor, window: int | None) -> Tensor:
+    """Encoder mask [1,1,S,K] (True = attend) over keys [..,K,..] = cached + new, in key-index space: query j
+    sits at key index K-S+j and sees key k iff k <= K-S+j, and (sliding, window W) k > K-S+j-W."""
+    n = keys.shape[-2]
+    q = torch.arange(s, device=keys.device)[:, None] + (n - s)
+    k = torch.arange(n, device=keys.device)[None, :]
+    m = k <= q
+    if window is not None:
+        m = m & (k > q - window)
+    return m[None, None]
+
+
+def _last(x: Tensor, keep: int) -> Tensor:
+    """x[:, :, -keep:] without a guard on len >= keep (torch.export would specialise the plain slice)."""
+    n = x.shape[-2]
+    start = torch.sym_max(n - keep, 0)
+    return x.narrow(-2, start, n - start)
+
+
+class EncoderGraph(nn.Module):
+    """(input_ids, position_ids, past_key_0, past_value_0, ...) -> (present_key_0, present_value_0, ...).
+
+    Same arithmetic as DiffusionGemma.encode; the last layer only computes its K/V (generation never reads the
+    encoder's hidden states). Sliding presents keep the last min(P+S, W-1) tokens.
+    """
+
+    def __init__(self, model: DiffusionGemma):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: Tensor, position_ids: Tensor, *past: Tensor) -> tuple[Tensor, ...]:
+        m, cfg = self.model, self.model.cfg
+        s = input_ids.shape[1]
+        rope = m.rope(position_ids, m.dtype)
+        x = m.embed(input_ids)
+        presents: list[Tensor] = []
+        masks: dict[bool, Tensor] = {}
+        last = len(m.layers) - 1
+        for i, layer in enumerate(m.layers):
+            at = layer.self_attn
+            cos, sin = rope[at.sliding]
+            h = layer.input_layernorm(x)
+            pk, pv = past[2 * i], past[2 * i + 1]
+            if i == last:
+                k, v = at.kv(h, cos, sin)
+            else:
+                q, k, v = at.qkv(h, cos, sin)
+            k_all, v_all = torch.cat([pk, k], dim=-2), torch.cat([pv, v], dim=-2)
+            if at.sliding:
+                presents += [_last(k_all, cfg.sliding_cache_len), _last(v_all, cfg.sliding_cache_len)]
+            else:
+                presents += [k_all, v_all]
+            if i == last:
+                break
+            if at.sliding not in masks:  # one mask per layer kind (all layers of a kind share K)
+                masks[at.sliding] = causal_mask(s, k_all, cfg.sliding_window if at.sliding else None)
+            a = _attend(at, q, k_all, v_all, masks[at.sliding])
+            r = x + layer.post_attention_layernorm(at.out(a))
+            x = layer.ffn(r, m.encoder_layer_scalars[i : i + 1].to(r.dtype))
+        return tuple(presents)
+
+
+class DenoiserGraph(nn.Module):
+    """(canvas_ids, sc_embeds, temperature, position_ids, past...) -> (logits fp32, next_sc_embeds).
+
+    Bidirectional over the canvas; every canvas query sees the same prefix keys: all P for full layers, the last
+    min(P, W-1) for sliding layers (the slice below enforces it from the shapes, so no mask is needed).
+    next_sc_embeds = soft_embed(logits / temperature) (spec §10, "better for production").
+    """
+
+    def __init__(self, model: DiffusionGemma):
+        super().__init__()
+        self.model = model
+
+    def forward(self, canvas_ids: Tensor, sc_embeds: Tensor, temperature: Tensor, position_ids: Tensor,
+                *past: Tensor) -> tuple[Tensor, Tensor]:
+        m, cfg = self.model, self.model.cfg
+        rope = m.rope(position_ids, m.dtype)
+        e = m.embed(canvas_ids)
+        x = m.self_conditioning(e, sc_embeds.to(e.dtype))
+        for i, layer in enumerate(m.layers):
+            at = layer.self_attn
+            cos, sin = rope[at.sliding]
+            q, k, v = at.qkv(layer.input_layernorm(x), cos, sin)
+            pk, pv = past[2 * i], past[2 * i + 1]
+            if at.sliding:
+                pk, pv = _last(pk, cfg.sliding_cache_len), _last(pv, cfg.sliding_cache_len)
+            a = _attend(at, q, torch.cat([pk, k], dim=-2), torch.cat([pv, v], dim=-2), None)
+            r = x + layer.post_attention_layernorm(at.out(a))
+            x = layer.ffn(r, layer.layer_scalar.to(r.dtype))
+        logits = m.logits(x)
+        return logits, m.soft_embed(logits / temperature.reshape(-1, 1, 1))
+
+
+# -- example inputs ---------------------------------------------------------------------------------------------
+_TORCH = {"int64": torch.int64, "float32": torch.float32, "bfloat16": torch.bfloat16}
+# distinct example sizes so no two symbolic dims are unified (and none is 0/1, which exporters specialise)
+_EXAMPLE = {graphs.BATCH: 2, graphs.SEQ: 3, graphs.PAST_FULL: 7, graphs.PAST_SLIDING: 5}
+
+
+def example_inputs(graph: str, cfg, precision: str) -> tuple[Tensor, ...]:
+    out = []
+    for t in graphs.inputs(graph, cfg, precision):
+        shape = [d if isinstance(d, int) else _EXAMPLE[d] for d in t.dims]
+        if t.name in ("input_ids", "canvas_ids"):
+            out.append(torch.randint(0, cfg.vocab_size, shape))
+        elif t.name == "position_ids":
+            p = _EXAMPLE[graphs.PAST_FULL]
+            out.append(torch.arange(p, p + shape[1]).expand(shape).contiguous())
+        elif t.name == "temperature":
+            out.append(torch.full(shape, 0.7))
+        else:
+            out.append(0.1 * torch.randn(shape).to(_TORCH[t.dtype]))
+    return tuple(out)
+
+
+def _dynamic_shapes(graph: str, cfg, precision: str):
+    from torch.export import Dim
+
+    dims = {graphs.BATCH: Dim(graphs.BATCH, min=1, max=4096), graphs.SEQ: Dim(graphs.SEQ, min=1, max=1 << 20),
+            graphs.PAST_FULL: Dim(graphs.PAST_FULL, min=0, max=1 << 20),
+            graphs.PAST_SLIDING: Dim(graphs.PAST_SLIDING, min=0, max=cfg.sliding_cache_len)}
+    specs = graphs.inputs(graph, cfg, precision)
+    per = [{k: dims[d] for k, d in enumerate(t.dims) if isinstance(d, str)} for t in specs]
+    n_fixed = 2 if graph == graphs.ENCODER else 4
+    return (*per[:n_fixed], tuple(per[n_fixed:]))
+
+
+def _dynamic_axes(graph: str, cfg, precision: str) -> dict:
+    specs = graphs.inputs(graph, cfg, precision) + graphs.outputs(graph, cfg, precision)
+    return {t.name: {k: d for k, d in enumerate(t.dims) if isinstance(d, str)} for t in specs}
+
+
+def _name_dims(proto, graph: str, cfg, precision: str) -> None:
+    """Set every graph input/output dim to the contract's name or size (exporters invent output dim names)."""
+    specs = {t.name: t for t in graphs.inputs(graph, cfg, precision) + graphs.outputs(graph, cfg, precision)}
+    for vi in list(proto.graph.input) + list(proto.graph.output):
+        t = specs[vi.name]
+        shape = vi.type.tensor_type.shape
+        while len(shape.dim) < len(t.dims):
+            shape.dim.add()
+        for d, want in zip(shape.dim, t.dims):
+            if isinstance(want, int):
+                d.dim_value = want
+            else:
+                d.dim_param = want
+
+
+def export_graph(model: DiffusionGemma, graph: str, out_path: Path, precision: str,
+                 exporter: str = "auto") -> dict:
+    """Export one graph to out_path (model.onnx [+ model.onnx.data]); returns {exporter, seconds}."""
+    import onnx
+
+    cfg = model.cfg
+    wrapper = (graphs.ENCODER == graph and EncoderGraph or DenoiserGraph)(model).eval()
+    args = example_inputs(graph, cfg, precision)
+    in_names = [t.name for t in graphs.inputs(graph, cfg, precision)]
+    out_names = [t.name for t in graphs.outputs(graph, cfg, precision)]
+    t0, used, errors = time.perf_counter(), None, []
+    tmp = out_path.with_suffix(".raw.onnx")
+    for kind in (["dynamo", "legacy"] if exporter == "auto" else [exporter]):
+        try:
+            with torch.no_grad():
+                if kind == "dynamo":
+                    prog = torch.onnx.export(wrapper, args, dynamo=True, input_names=in_names,
+                                             output_names=out_names, opset_version=OPSET, optimize=True,
+                                             dynamic_shapes=_dynamic_shapes(graph, cfg, precision), verbose=False)
+                    proto = prog.model_proto
+                else:
+                    torch.onnx.export(wrapper, args, str(tmp), dynamo=False, input_names=in_names,
+                                      output_names=out_names, opset_version=OPSET,
+                                      dynamic_axes=_dynamic_axes(graph, cfg, precision))
+                    proto = onnx.load(str(tmp))
+            used = kind
+            break
+        except Exception as e:  # noqa: BLE001 - try the next exporter, report all failures if none works
+            errors.append(f"{kind}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+    if used is None:
+        raise ArtifactError(f"torch.onnx.export failed for the {graph} graph ({'; '.join(errors)}).")
+    for f in tmp.parent.glob(tmp.name + "*"):
+        f.unlink()
+    _name_dims(proto, graph, cfg, precision)
+    large = proto.ByteSize() > TWO_GB or sum(p.numel() * p.element_size() for p in model.parameters()) > TWO_GB
+    if large:
+        onnx.save_model(proto, str(out_path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=out_path.name + ".data", size_threshold=1024)
+        onnx.checker.check_model(str(out_path))
+    else:
+        onnx.save_model(proto, str(out_path))
+        onnx.checker.check_model(proto)
+    return {"exporter": used, "seconds": round(time.perf_counter() - t0, 3), "external_data": large,
+            "fallback_reasons": errors}
+
+
+# -- manifest ---------------------------------------------------------------------------------------------------
+def checkpoint_fingerprint(path: str | Path) -> str:
+    """sha256 of config.json bytes + every *.safetensors name and size (cheap: no weight bytes are read)."""
+    path = Path(path)
+    h = hashlib.sha256()
+    try:
+        h.update((path / "config.json").read_bytes())
+    except FileNotFoundError:
+        raise ArtifactError(f"{path}/config.json not found; --checkpoint must be a DiffusionGemma checkpoint "
+                            "directory (write the tiny one with: dgemma init-tiny DIR).") from None
+    for f in sorted(path.glob("*.safetensors")):
+        h.update(f"{f.name}:{f.stat().st_size}\n".encode())
+    return h.hexdigest()
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def export_onnx(model: DiffusionGemma, precision: str, out_root: str | Path = DEFAULT_OUT,
+                checkpoint: str | Path | None = None, exporter: str = "auto") -> Path:
+    """Both graphs + manifest.json into out_root/<precision>/, written atomically (temp dir, then rename)."""
+    import onnx
+
+    import dgemma
+
+    dtype = graphs.kv_dtype(precision)
+    if precision in ("fp8", "nvfp4"):
+        raise ConfigError(f"export precision {precision!r} needs a ModelOpt-quantized checkpoint (`make quantize "
+                          f"PRECISION={precision}`), which this export does not read yet; use bf16 or fp32.")
+    model = model.to(_TORCH[dtype]).eval()
+    model.set_experts_impl("dense")  # grouped uses F.grouped_mm, which has no ONNX op
+    out_root = Path(out_root)
+    final = out_root / precision
+    out_root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{precision}-", dir=out_root))
+    try:
+        info = {}
+        for g in graphs.GRAPHS:
+            (tmp / g).mkdir()
+            info[g] = export_graph(model, g, tmp / g / "model.onnx", precision, exporter)
+            files = sorted((tmp / g).iterdir())
+            info[g]["files"] = {f.name: f.stat().st_size for f in files}
+            info[g]["sha256"] = file_sha256(tmp / g / "model.onnx")
+        manifest = {
+            "schema": 1, "stage": "onnx", "precision": precision, "dtype": dtype,
+            "checkpoint": str(checkpoint) if checkpoint else None,
+            "checkpoint_sha256": checkpoint_fingerprint(checkpoint) if checkpoint else None,
+            "model_config": model.cfg.to_hf_dict() | {"canvas_length": model.cfg.canvas_length},
+            "dgemma_version": dgemma.__version__, "torch_version": torch.__version__,
+            "onnx_version": onnx.__version__, "opset": OPSET, "experts_impl": "dense",
+            "contract_sha256": graphs.contract_hash(model.cfg, precision),
+            "io_contract": graphs.contract(model.cfg, precision), "graphs": info,
+        }
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        if final.exists():
+            old = out_root / f".old-{precision}-{os.getpid()}"
+            final.rename(old)
+            tmp.rename(final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        model.set_experts_impl("grouped")
+    return final
+
+
+def read_manifest(onnx_dir: str | Path) -> dict:
+    path = Path(onnx_dir) / MANIFEST
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ArtifactError(f"{path} not found: no exported ONNX graphs in {onnx_dir}. Run `make onnx` "
+                            "(dgemma export --precision P).") from None
+    except json.JSONDecodeError as e:
+        raise ArtifactError(f"{path} is not valid JSON ({e}); re-export with `make onnx`.") from None
+
+
+def manifest_sha256(onnx_dir: str | Path) -> str:
+    return file_sha256(Path(onnx_dir) / MANIFEST)
+
+
+def verify_files(onnx_dir: str | Path, manifest: dict) -> None:
+    """Each graph's files exist with the recorded sizes and model.onnx has the recorded sha256."""
+    onnx_dir = Path(onnx_dir)
+    for g, info in manifest["graphs"].items():
+        for name, size in info["files"].items():
+            f = onnx_dir / g / name
+            if not f.exists() or f.stat().st_size != size:
+                got = f.stat().st_size if f.exists() else "missing"
+                raise ArtifactError(f"{f}: size {got}, manifest says {size} bytes (corrupt or partial export). "
+                                    "Rebuild with `make onnx`.")
+        got = file_sha256(onnx_dir / g / "model.onnx")
+        if got != info["sha256"]:
+            raise ArtifactError(f"{onnx_dir / g / 'model.onnx'}: sha256 {got[:12]}..., manifest says "
+                                f"{info['sha256'][:12]}... (modified or corrupt). Rebuild with `make onnx`.")
+
+
+# -- CLI --------------------------------------------------------------------------------------------------------
+def cli_export(args) -> int:
+    from .cli import load_model
+
+    if args.precision not in graphs.PRECISION_DTYPES:
+        raise ConfigError(f"unknown --precision {args.precision!r}; valid: {', '.join(graphs.PRECISION_DTYPES)}.")
+    from .tiny import ensure_tiny
+
+    ck = Path(args.checkpoint) if args.checkpoint else ensure_tiny()
+    model, _cfg, _s, _tok = load_model(str(ck), "cpu", None)
+    t0 = time.perf_counter()
+    out = export_onnx(model, args.precision, args.out, checkpoint=ck, exporter=args.exporter)
+    m = read_manifest(out)
+    for g in graphs.GRAPHS:
+        size = sum(m["graphs"][g]["files"].values())
+        print(f"{g}: {out / g / 'model.onnx'} ({size / 1e6:.2f} MB, {m['graphs'][g]['exporter']}, "
+              f"{m['graphs'][g]['seconds']:.1f} s)")
+    print(f"wrote {out / MANIFEST} in {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
+def add_parsers(sub) -> None:
+    e = sub.add_parser("export", help="export the encoder and denoiser graphs to ONNX (build/onnx/<precision>/)")
+    e.add_argument("--precision", default="bf16", help="bf16 | fp32 (fp32: CPU / ONNX Runtime reference)")
+    e.add_argument("--checkpoint", help="checkpoint dir (default: the embedded trained tiny model)")
+    e.add_argument("--out", default=str(DEFAULT_OUT))
+    e.add_argument("--exporter", default="auto", choices=["auto", "dynamo", "legacy"])
+    e.set_defaults(func=cli_export)

@@ -1,0 +1,137 @@
+"""Backend over the exported `encoder` and `denoiser` ONNX graphs with ONNX Runtime (CPU).
+
+Owns `OrtBackend`: loads build/onnx/<precision>/ after checking its manifest (files, IO contract, checkpoint),
+and keeps the KV state as per-layer numpy arrays between calls (full layers grow, sliding layers hold the last
+min(P, W-1) tokens, exactly what the encoder graph returns). Names and dims come from dgemma.graphs.
+Knows nothing of sampling.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .. import graphs
+from ..config import ModelConfig
+from ..errors import ArtifactError, RequestError
+
+REBUILD = "Rebuild with `make onnx` (dgemma export --precision {p} --checkpoint CKPT)."
+
+
+@dataclass
+class OrtState:
+    batch: int
+    length: int = 0
+    kv: list[np.ndarray] = field(default_factory=list)  # past_key_0, past_value_0, ... in contract order
+
+
+class OrtBackend:
+    def __init__(self, onnx_dir: str | Path, checkpoint: str | Path | None = None, max_context: int | None = None,
+                 cfg: ModelConfig | None = None, threads: int | None = None, verify: bool = True):
+        import onnxruntime as ort
+
+        from ..export import checkpoint_fingerprint, read_manifest, verify_files
+
+        self.onnx_dir = Path(onnx_dir)
+        m = read_manifest(self.onnx_dir)
+        self.manifest = m
+        self.precision = m.get("precision", "?")
+        fix = REBUILD.format(p=self.precision)
+        self.cfg = ModelConfig.from_hf_dict(m["model_config"], source=str(self.onnx_dir / "manifest.json"))
+        if cfg is not None and cfg != self.cfg:
+            diff = [k for k in cfg.__dataclass_fields__ if getattr(cfg, k) != getattr(self.cfg, k)]
+            raise ArtifactError(f"{self.onnx_dir}: graphs were exported for a different model config "
+                                f"({', '.join(f'{k}: graphs {getattr(self.cfg, k)!r} vs model {getattr(cfg, k)!r}' for k in diff[:3])}). {fix}")
+        want = graphs.contract_hash(self.cfg, self.precision)
+        if m.get("contract_sha256") != want:
+            raise ArtifactError(f"{self.onnx_dir}: IO contract {m.get('contract_sha256')} in the manifest, this dgemma "
+                                f"expects {want} (graphs.py changed since export). {fix}")
+        if checkpoint is not None:
+            got = checkpoint_fingerprint(checkpoint)
+            if m.get("checkpoint_sha256") != got:
+                raise ArtifactError(f"{self.onnx_dir}: exported from checkpoint {m.get('checkpoint')} "
+                                    f"(sha256 {str(m.get('checkpoint_sha256'))[:12]}...), but {checkpoint} has sha256 "
+                                    f"{got[:12]}... (stale ONNX). {fix}")
+        if verify:
+            verify_files(self.onnx_dir, m)
+        so = ort.SessionOptions()
+        so.log_severity_level = 3
+        if threads:
+            so.intra_op_num_threads = threads
+        self.sessions = {}
+        for g in graphs.GRAPHS:
+            path = self.onnx_dir / g / "model.onnx"
+            try:
+                self.sessions[g] = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+            except Exception as e:  # noqa: BLE001 - ORT raises its own Fail/InvalidProtobuf/NoSuchFile types
+                raise ArtifactError(f"{path}: ONNX Runtime cannot load it ({type(e).__name__}: "
+                                    f"{str(e).splitlines()[0][:200]}). {fix}") from None
+            names = [i.name for i in self.sessions[g].get_inputs()]
+            expect = [t.name for t in graphs.inputs(g, self.cfg, self.precision)]
+            if names != expect:
+                raise ArtifactError(f"{path}: inputs {names[:4]}... differ from graphs.py {expect[:4]}.... {fix}")
+        self.vocab_size = self.cfg.vocab_size
+        self.canvas_length = self.cfg.canvas_length
+        self.hidden_size = self.cfg.hidden_size
+        self.device = torch.device("cpu")
+        self.max_context = max_context or min(self.cfg.max_position_embeddings, 8192)
+        self._np_dtype = np.float32 if graphs.kv_dtype(self.precision) == "float32" else None
+        if self._np_dtype is None:
+            raise ArtifactError(f"{self.onnx_dir}: precision {self.precision!r} graphs hold bf16 tensors, which ONNX "
+                                "Runtime's CPU provider does not run; export with --precision fp32 for ORT, or build "
+                                "engines (`make engines`).")
+
+    # -- Backend protocol ---------------------------------------------------------------------------------------
+    def new_state(self, batch: int) -> OrtState:
+        kv = []
+        for t in graphs.inputs(graphs.ENCODER, self.cfg, self.precision)[2:]:
+            kv.append(np.zeros((batch, t.dims[1], 0, t.dims[3]), dtype=self._np_dtype))
+        return OrtState(batch, 0, kv)
+
+    def length(self, state: OrtState) -> int:
+        return state.length
+
+    def _positions(self, state: OrtState, n: int) -> np.ndarray:
+        return np.broadcast_to(np.arange(state.length, state.length + n, dtype=np.int64), (state.batch, n)).copy()
+
+    def _past_feed(self, state: OrtState) -> dict[str, np.ndarray]:
+        names = [t.name for t in graphs.inputs(graphs.ENCODER, self.cfg, self.precision)[2:]]
+        return dict(zip(names, state.kv))
+
+    def _check_room(self, state: OrtState, ids: Tensor) -> None:
+        if ids.shape[0] != state.batch:
+            raise RequestError(f"batch of {ids.shape[0]} rows, but the state was created for {state.batch}.")
+        if state.length + ids.shape[1] > self.max_context:
+            raise RequestError(
+                f"context of {state.length + ids.shape[1]} tokens exceeds max_context={self.max_context} "
+                f"({state.length} cached + {ids.shape[1]} new). Shorten the prompt, lower max_new_tokens, or raise "
+                "max_context.")
+
+    @torch.no_grad()
+    def encode(self, state: OrtState, ids: Tensor) -> None:
+        self._check_room(state, ids)
+        n = ids.shape[1]
+        feed = {"input_ids": ids.to("cpu", torch.int64).numpy(), "position_ids": self._positions(state, n),
+                **self._past_feed(state)}
+        state.kv = self.sessions[graphs.ENCODER].run(None, feed)
+        state.length += n
+
+    @torch.no_grad()
+    def denoise(self, state: OrtState, canvas: Tensor, soft: Tensor | None, temperature: Tensor):
+        self._check_room(state, canvas)
+        b, c = canvas.shape
+        sc = (np.zeros((b, c, self.hidden_size), dtype=self._np_dtype) if soft is None
+              else soft.to("cpu", torch.float32).numpy())
+        temp = np.broadcast_to(temperature.to("cpu", torch.float32).numpy().reshape(-1), (b,)).copy()
+        feed = {"canvas_ids": canvas.to("cpu", torch.int64).numpy(), "sc_embeds": sc, "temperature": temp,
+                "position_ids": self._positions(state, c), **self._past_feed(state)}
+        logits, nxt = self.sessions[graphs.DENOISER].run(None, feed)
+        return torch.from_numpy(logits), torch.from_numpy(nxt)
+
+    # -- for tests/inspection -----------------------------------------------------------------------------------
+    def kv_tensors(self, state: OrtState) -> list[Tensor]:
+        return [torch.from_numpy(a) for a in state.kv]

@@ -47,7 +47,6 @@ def load_model(checkpoint: str | None, device: str, dtype: str | None):
 def cmd_generate(args) -> int:
     import torch
 
-    from .runtime.torch_backend import TorchBackend
     from .sampler import generate
 
     seed = _int_arg("--seed", args.seed, 0, 2**63 - 1, " Pass a whole number such as --seed 1234.")
@@ -83,7 +82,7 @@ def cmd_generate(args) -> int:
         ids = tok.encode_chat(args.prompt or "")
     if not ids:
         raise ConfigError("the prompt is empty; pass --prompt TEXT or --prompt-ids 2,105,...")
-    backend = TorchBackend(model, max_context=max_context)
+    backend = make_backend(args.backend, model, args.precision, max_context)
     prompt = torch.tensor([ids], dtype=torch.int64, device=backend.device)
 
     def on_step(ev):
@@ -306,6 +305,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], help="default: the checkpoint's dtype")
     g.add_argument("--max-context", help="KV buffer capacity in tokens (prompt + output)")
     g.add_argument("--infill", help="canvas template: '_' = one hole token, other text stays fixed at every step")
+    g.add_argument("--backend", default="torch", help="torch | fast | ort (ort reads build/onnx/<precision>)")
+    g.add_argument("--precision", default="bf16", help="bf16 | fp8 (fast) | fp32 (ort reference graphs)")
     g.set_defaults(func=cmd_generate)
 
     b = sub.add_parser("bench", help="run benchmark scenarios (bench/scenarios/*.toml), write JSON results")

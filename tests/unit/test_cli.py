@@ -48,3 +48,8 @@ def test_module_entry_point_reports_missing_checkpoint(tmp_path):
     r = subprocess.run([sys.executable, "-m", "dgemma", "generate", "--checkpoint", str(tmp_path / "x"),
                         "--prompt", "hi"], capture_output=True, text=True)
     assert r.returncode == 2 and "CheckpointError" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_unknown_backend_lists_valid_ones(tiny_dir, capsys):
+    assert main(["generate", "--checkpoint", str(tiny_dir), "--prompt", "hi", "--backend", "tpu"]) == 2
+    assert "unknown backend 'tpu'; valid here: torch, fast, ort" in capsys.readouterr().err

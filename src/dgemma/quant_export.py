@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .checkpoint import DECODER, ENCODER_SCALAR, SINGLE, load_config, state_dict_for_checkpoint
+from .checkpoint import DECODER, ENCODER_SCALAR, SINGLE, expected_tensors, load_config, state_dict_for_checkpoint
 from .errors import ArtifactError
 from .model import DiffusionGemma, torch_dtype
 
@@ -56,12 +56,14 @@ def _input_scale(precision: str, quantizer) -> Tensor:
 
 def quantized_tensors(model, precision: str) -> dict[str, Tensor]:
     """Checkpoint name -> tensor, quantized where a weight quantizer is enabled."""
-    from modelopt.torch.quantization.nn import QuantLinear
+    from modelopt.torch.quantization.nn import TensorQuantizer
 
-    out = {k: v for k, v in state_dict_for_checkpoint(model).items() if "quantizer" not in k}
+    keep = expected_tensors(model.cfg)  # drops quantizer buffers and ModelOpt's _shared_quant_states
+    out = {k: v for k, v in state_dict_for_checkpoint(model).items() if k in keep}
     for name, mod in model.named_modules():
         base = DECODER + name
-        if isinstance(mod, QuantLinear) and mod.weight_quantizer.is_enabled:
+        wq = getattr(mod, "weight_quantizer", None)  # QuantLinear (a dynamic class; no isinstance)
+        if isinstance(wq, TensorQuantizer) and wq.is_enabled:
             for suffix, t in _weight(precision, mod.weight.detach(), mod.weight_quantizer.amax).items():
                 out[f"{base}.weight{suffix}"] = t
             out[f"{base}.input_scale"] = _input_scale(precision, mod.input_quantizer)

@@ -13,7 +13,7 @@ SCENARIO ?= anchor,adaptive
 BACKEND ?= torch
 BENCH_ARGS ?=
 
-.PHONY: venv demo test test-gpu clean-venv init-tiny train-tiny eval generate profiles bench report onnx engines
+.PHONY: venv demo test test-gpu clean-venv init-tiny train-tiny eval generate profiles bench report quantize onnx engines
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -45,6 +45,10 @@ train-tiny: $(STAMP)
 
 eval: $(STAMP)
 	$(PY) -m dgemma eval $(if $(CKPT),--checkpoint $(CKPT)) --n 100
+
+# `make quantize PRECISION=fp8|nvfp4 [CKPT=dir]` -> quantize/<precision>/ (checkpoint, scales, quality report)
+quantize: $(STAMP)
+	$(PY) -m dgemma quantize --precision $(PRECISION) $(if $(CKPT),--checkpoint $(CKPT))
 
 profiles: $(STAMP)
 	$(PY) -m dgemma profiles

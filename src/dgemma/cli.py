@@ -359,6 +359,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("out_dir")
     t.add_argument("--seed", default="0")
     t.set_defaults(func=cmd_init_tiny)
+
+    from .quant import add_parser as add_quantize_parser
+
+    add_quantize_parser(sub)
     return p
 
 

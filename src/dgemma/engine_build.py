@@ -21,7 +21,7 @@ from .config import ModelConfig
 from .errors import ArtifactError, ConfigError
 from .export import DEFAULT_OUT as ONNX_ROOT
 from .export import read_manifest, verify_files
-from .profiles import GpuProfile, resolve
+from .profiles import GpuProfile, check_memory, resolve
 
 ROOT = Path(__file__).resolve().parents[2]
 ENGINES = ROOT / "engines"
@@ -119,6 +119,8 @@ def build_engines(gpu: str, precision: str, onnx_root: str | Path = ONNX_ROOT, o
     if m.get("contract_sha256") != graphs.contract_hash(cfg, onnx_precision):
         raise ArtifactError(f"{onnx_dir}: IO contract {m.get('contract_sha256')} in the manifest, this dgemma "
                             f"expects {graphs.contract_hash(cfg, onnx_precision)} (graphs.py changed). {fix}")
+    # before anything is built: both engines + KV buffers must fit the GPU (raises with the numbers and what fits)
+    check_memory(target, cfg, engines=len(graphs.GRAPHS))
     trt, flavour = import_trt(prof)
     sms = target_sms(prof, flavour)
     out_root = Path(out_root)

@@ -49,3 +49,16 @@ def test_memory_check_bf16_two_engines_does_not_fit_h100():
 def test_describe_lists_every_profile():
     text = describe()
     assert all(name in text for name in PROFILES)
+
+
+def test_engine_build_checks_memory_before_building(tmp_path, monkeypatch):
+    """A full-size bf16 pair of engines is refused for h100 before TensorRT is even imported."""
+    import dgemma.engine_build as eb
+    from dgemma.config import FULL_SIZE
+
+    monkeypatch.setattr(eb, "read_manifest", lambda d: {"precision": "bf16", "model_config": FULL_SIZE.to_hf_dict()})
+    monkeypatch.setattr(eb, "verify_files", lambda d, m: None)
+    monkeypatch.setattr(eb.graphs, "contract_hash", lambda cfg, p: None)
+    monkeypatch.setattr(eb, "import_trt", lambda gpu: (_ for _ in ()).throw(AssertionError("built anyway")))
+    with pytest.raises(ConfigError, match=r"> 80 GiB on NVIDIA H100 SXM 80GB\. precision fp8 fits"):
+        eb.build_engines("h100", "bf16", onnx_root=tmp_path, out_root=tmp_path)

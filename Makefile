@@ -36,6 +36,11 @@ demo: $(STAMP)
 	@echo "== held-out accuracy, adaptive stopping vs fixed 16 steps =="
 	$(PY) -m dgemma eval --n 100
 	$(PY) -m dgemma eval --n 100 --steps 16 --fixed-steps
+	@echo "== pipeline on the tiny model: quantize fp8 -> onnx -> engines (GPU=cpu) -> generate through ONNX Runtime =="
+	time $(PY) -m dgemma quantize --precision fp8 --eval-n 20 --heldout "" --out build/demo-quantize
+	time $(PY) -m dgemma export --precision fp32
+	time $(PY) -m dgemma build --gpu cpu --precision bf16 --onnx-precision fp32
+	time $(PY) -m dgemma generate --backend ort --precision fp32 --prompt "sort: 5 2 8 1 9 0 3 3 7 4" --seed $(SEED)
 	@echo "== benchmark summary (reduced CPU form) =="
 	$(PY) -m dgemma bench --gpu cpu --scenario anchor,adaptive --out build/demo-bench 2>/dev/null
 

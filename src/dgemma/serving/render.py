@@ -50,7 +50,7 @@ def _parameters(values: dict[str, object]) -> str:
 
 def render(gpu: str = "cpu", precision: str = "bf16", checkpoint: str | Path | None = None,
            out: str | Path | None = None, backend: str = "torch", threads: int | None = None,
-           canvas_loop_instances: int = 1, templates: Path = TEMPLATES) -> Path:
+           canvas_loop_instances: int = 1, templates: Path = TEMPLATES, backends: bool = True) -> Path:
     """Write the model repository and backend directory; returns the output root (…/<gpu>/<precision>)."""
     from ..checkpoint import load_config
     from ..profiles import resolve
@@ -84,6 +84,8 @@ def render(gpu: str = "cpu", precision: str = "bf16", checkpoint: str | Path | N
         (models / name / "config.pbtxt").write_text(text)
         if (src / "1" / "model.py").exists():
             shutil.copy2(src / "1" / "model.py", models / name / "1" / "model.py")
+    if not backends:
+        return root
     wd = wheel_dir()
     bk = root / "backends" / "python"
     bk.mkdir(parents=True, exist_ok=True)

@@ -13,7 +13,7 @@ SCENARIO ?= anchor,adaptive
 BACKEND ?= torch
 BENCH_ARGS ?=
 
-.PHONY: venv demo test test-gpu clean-venv init-tiny train-tiny eval generate profiles bench report quantize onnx engines
+.PHONY: venv demo test test-gpu clean-venv init-tiny train-tiny eval generate profiles bench report quantize onnx engines repo serve
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -78,6 +78,14 @@ onnx: $(STAMP)
 # TensorRT engines -> engines/$(GPU)/$(PRECISION)/; GPU=cpu builds ahead of time with TensorRT-RTX (SM120, SM89).
 engines: $(STAMP)
 	$(PY) -m dgemma build --gpu $(GPU) --precision $(PRECISION)
+
+# Triton model repository -> build/triton/$(GPU)/$(PRECISION)/{models,backends}; `serve` renders it and runs
+# tritonserver on 127.0.0.1 (free ports, printed; Ctrl-C stops it). Talk to it with `dgemma client --url ...`.
+repo: $(STAMP)
+	$(PY) -m dgemma repo --gpu $(GPU) --precision $(PRECISION) $(if $(CKPT),--checkpoint $(CKPT))
+
+serve: $(STAMP)
+	$(PY) -m dgemma serve --gpu $(GPU) --precision $(PRECISION) $(if $(CKPT),--checkpoint $(CKPT))
 
 # CPU suite; the GPU is hidden like ModelOpt's CPU unit tests.
 test: $(STAMP)

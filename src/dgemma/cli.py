@@ -355,6 +355,13 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_parsers(sub)
     engine_build.add_parsers(sub)
 
+    from . import client
+    from .serving import render, server
+
+    render.add_parsers(sub)
+    server.add_parsers(sub)
+    client.add_parsers(sub)
+
     t = sub.add_parser("init-tiny", help="write the tiny random DiffusionGemma checkpoint (real layout)")
     t.add_argument("out_dir")
     t.add_argument("--seed", default="0")

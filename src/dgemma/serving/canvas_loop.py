@@ -1,0 +1,230 @@
+"""Requests and responses of the Triton `dgemma` ensemble, independent of Triton.
+
+`Limits` holds what a rendered repository allows (from the GpuProfile and the checkpoint, written into
+config.pbtxt parameters by render.py). `parse_request` turns the ensemble's LLM-shaped inputs (numpy arrays by
+name) into a validated `Request` or raises `RequestError` naming the value, the limit and where it comes from.
+`run` drives `dgemma.sampler.generate` for one request and hands each response (a dict of numpy arrays) to
+`send`. Imports torch only inside `run`, so preprocess/postprocess stay light.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from typing import Any, Callable
+
+import numpy as np
+
+from ..errors import RequestError
+
+# ensemble inputs (name -> (Triton dtype, optional)); config templates and the client use these names
+INPUTS = {
+    "text_input": ("TYPE_STRING", False),
+    "max_tokens": ("TYPE_INT32", True),
+    "seed": ("TYPE_INT64", True),
+    "stream": ("TYPE_BOOL", True),
+    "max_denoising_steps": ("TYPE_INT32", True),
+    "entropy_bound": ("TYPE_FP32", True),
+    "ignore_eos": ("TYPE_BOOL", True),
+    "infill": ("TYPE_STRING", True),
+}
+OUTPUTS = ("text_output", "canvas_index", "canvases", "steps_per_canvas", "tokens_per_forward")
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one rendered repository accepts; every field names its source in error messages."""
+
+    target: str  # "<gpu>/<precision>"
+    max_prompt: int  # GpuProfile.max_prompt
+    max_context: int  # GpuProfile.max_context (prompt + output tokens)
+    canvas_length: int  # checkpoint config.json
+    max_denoising_steps: int  # checkpoint generation_config.json
+    default_max_tokens: int  # checkpoint generation_config.json max_new_tokens
+    default_entropy_bound: float
+
+    @classmethod
+    def from_parameters(cls, params: dict[str, str]) -> "Limits":
+        """From a model config's `parameters` (string values, as Triton hands them to initialize())."""
+        try:
+            return cls(target=params["target"], max_prompt=int(params["max_prompt"]),
+                       max_context=int(params["max_context"]), canvas_length=int(params["canvas_length"]),
+                       max_denoising_steps=int(params["max_denoising_steps"]),
+                       default_max_tokens=int(params["default_max_tokens"]),
+                       default_entropy_bound=float(params["default_entropy_bound"]))
+        except KeyError as e:
+            raise RequestError(f"model config lacks parameter {e}; re-render with `make repo`.") from None
+
+
+@dataclass(frozen=True)
+class Request:
+    input_ids: tuple[int, ...]
+    max_tokens: int
+    seed: int
+    stream: bool
+    max_denoising_steps: int
+    entropy_bound: float
+    ignore_eos: bool
+    infill: str | None = None
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, s: str | bytes) -> "Request":
+        d = json.loads(s)
+        d["input_ids"] = tuple(d["input_ids"])
+        return cls(**d)
+
+
+def _scalar(inputs: dict[str, Any], name: str):
+    """The single element of an optional input, or None when absent."""
+    a = inputs.get(name)
+    if a is None:
+        return None
+    a = np.asarray(a)
+    if a.size != 1:
+        raise RequestError(f"{name} must hold exactly one value (got {a.size}: shape {list(a.shape)}).")
+    v = a.reshape(-1)[0]
+    return v.decode("utf-8", errors="replace") if isinstance(v, bytes) else v.item() if hasattr(v, "item") else v
+
+
+def _int(name: str, v, lo: int, hi: int | None, source: str) -> int:
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+        raise RequestError(f"{name} must be an integer (got {v!r}).")
+    v = int(v)
+    if v < lo or (hi is not None and v > hi):
+        rng = f">= {lo}" if hi is None else f"in {lo}..{hi}"
+        raise RequestError(f"{name} must be an integer {rng} (got {v}){'; ' + source if source else ''}.")
+    return v
+
+
+def parse_request(inputs: dict[str, Any], limits: Limits, encode_chat: Callable[[str], list[int]]) -> Request:
+    """Validate the ensemble inputs against `limits`; `encode_chat` renders and tokenizes the user text."""
+    unknown = sorted(set(inputs) - set(INPUTS))
+    if unknown:
+        raise RequestError(f"unknown input(s) {', '.join(map(repr, unknown))}; accepted: {', '.join(INPUTS)}.")
+    text = _scalar(inputs, "text_input")
+    if text is None or not isinstance(text, str) or not text.strip():
+        raise RequestError(f"text_input is empty (got {text!r}); give some text to answer.")
+    ids = list(encode_chat(text))
+    if len(ids) > limits.max_prompt:
+        raise RequestError(f"prompt has {len(ids)} tokens; {limits.target} holds at most {limits.max_prompt} prompt "
+                           "tokens (GpuProfile.max_prompt). Shorten the prompt.")
+    c = limits.canvas_length
+    room = (limits.max_context - len(ids)) // c * c  # whole canvases that still fit
+    mt = _scalar(inputs, "max_tokens")
+    if mt is None:
+        mt = min(limits.default_max_tokens, max(room, c))
+    mt = _int("max_tokens", mt, 1, None, f"output comes in whole {c}-token canvases")
+    n_canvases = math.ceil(mt / c)
+    total = len(ids) + n_canvases * c
+    if total > limits.max_context:
+        raise RequestError(
+            f"max_tokens={mt} needs {n_canvases} canvas(es) of {c}: prompt {len(ids)} + {n_canvases * c} = {total} "
+            f"tokens; {limits.target} holds at most {limits.max_context} prompt+output tokens "
+            f"(GpuProfile.max_context). Use max_tokens <= {max(room, 0)} for this prompt.")
+    seed = _scalar(inputs, "seed")
+    seed = 0 if seed is None else _int("seed", seed, 0, 2**63 - 1, "")
+    stream = _scalar(inputs, "stream")
+    steps = _scalar(inputs, "max_denoising_steps")
+    steps = limits.max_denoising_steps if steps is None else _int(
+        "max_denoising_steps", steps, 1, limits.max_denoising_steps,
+        "the checkpoint's generation_config.json sets the maximum")
+    eb = _scalar(inputs, "entropy_bound")
+    if eb is None:
+        eb = limits.default_entropy_bound
+    elif isinstance(eb, bool) or not isinstance(eb, (int, float)) or not math.isfinite(eb) or eb <= 0:
+        raise RequestError(f"entropy_bound must be a finite number > 0 (got {eb!r}); the checkpoint default is "
+                           f"{limits.default_entropy_bound} (generation_config.json sampler_config).")
+    infill = _scalar(inputs, "infill")
+    if infill is not None and (not isinstance(infill, str) or "_" not in infill):
+        raise RequestError(f"infill must be a canvas template with at least one '_' hole (got {infill!r}).")
+    return Request(tuple(int(i) for i in ids), mt, seed, bool(stream), steps, float(eb),
+                   bool(_scalar(inputs, "ignore_eos")), infill)
+
+
+def response(new_ids, canvas_index: int, canvases: int, steps: list[int], tokens_per_forward: float) -> dict:
+    """canvas_loop's output tensors for one response."""
+    return {
+        "output_ids": np.asarray(new_ids, dtype=np.int64).reshape(-1),
+        "canvas_index": np.array([canvas_index], dtype=np.int32),
+        "canvases": np.array([canvases], dtype=np.int32),
+        "steps_per_canvas": np.asarray(steps or [0], dtype=np.int32),
+        "tokens_per_forward": np.array([tokens_per_forward], dtype=np.float32),
+    }
+
+
+def run(backend, sampler, tokenizer, req: Request, send: Callable[[dict], None],
+        should_stop: Callable[[], bool] | None = None) -> None:
+    """Generate for one request; stream=True sends one response per committed canvas (only its tokens),
+    otherwise exactly one response with all new tokens. Raises Cancelled when should_stop() turns true."""
+    import torch
+
+    from ..cli import infill_template
+    from ..sampler import generate
+
+    cfg = sampler.replace(max_new_tokens=req.max_tokens, max_denoising_steps=req.max_denoising_steps,
+                          entropy_bound=req.entropy_bound, ignore_eos=req.ignore_eos)
+    template = None
+    if req.infill is not None:
+        template = infill_template(tokenizer, req.infill, backend.canvas_length, cfg.max_new_tokens)
+    steps: list[int] = []
+
+    def on_step(ev):
+        if ev.canvas == len(steps):
+            steps.append(0)
+        steps[ev.canvas] = ev.step
+
+    def on_canvas(i, committed):
+        send(response(committed[0].tolist(), i, i + 1, list(steps), 0.0))
+
+    prompt = torch.tensor([req.input_ids], dtype=torch.int64, device=backend.device)
+    res = generate(backend, prompt, cfg, torch.Generator(device=backend.device).manual_seed(req.seed),
+                   on_step=on_step, should_stop=should_stop, on_canvas=on_canvas if req.stream else None,
+                   template=None if template is None else template.to(backend.device))
+    tpf = float(res.tokens_per_forward[0])
+    if req.stream:  # a last empty response carries the final statistics
+        send(response([], res.canvases, res.canvases, res.steps_per_canvas, tpf))
+    else:
+        send(response(res.new_tokens[0].tolist(), 0, res.canvases, res.steps_per_canvas, tpf))
+
+
+def model_parameters(args: dict) -> dict[str, str]:
+    """config.pbtxt `parameters` as {key: string} from the args Triton passes to initialize(); checks that the
+    repository was rendered for this dgemma version."""
+    from .. import __version__
+    from ..errors import ArtifactError
+
+    cfg = json.loads(args["model_config"])
+    params = {k: v.get("string_value", "") for k, v in cfg.get("parameters", {}).items()}
+    if params.get("dgemma_version") != __version__:
+        raise ArtifactError(f"model {cfg.get('name')!r} was rendered for dgemma {params.get('dgemma_version')!r}; "
+                            f"the server's environment has {__version__}. Re-render: make repo.")
+    return params
+
+
+def build_engine(params: dict[str, str]):
+    """(backend, sampler defaults, tokenizer) for canvas_loop's initialize(): built once per model instance."""
+    from pathlib import Path
+
+    import torch
+
+    from ..checkpoint import load_checkpoint
+    from ..tokens import Tokenizer
+
+    if params.get("threads"):
+        torch.set_num_threads(int(params["threads"]))
+    limits = Limits.from_parameters(params)
+    ck_dir = Path(params["checkpoint"])
+    ck = load_checkpoint(ck_dir)
+    if params.get("backend", "torch") == "ort":
+        from ..runtime.ort_backend import OrtBackend
+
+        backend = OrtBackend(params["onnx_dir"], checkpoint=ck_dir, max_context=limits.max_context, cfg=ck.config)
+    else:
+        from ..runtime.torch_backend import TorchBackend
+
+        backend = TorchBackend(ck.model, max_context=limits.max_context)
+    return backend, ck.sampler, Tokenizer(ck_dir)

@@ -1,0 +1,169 @@
+"""Start and stop the real tritonserver (Triton 2.51 from the nvidia-pytriton wheel, or `tritonserver` on PATH)
+on 127.0.0.1 and free ports, with the environment toolchain.md §3.1/§3.2 needs: the venv's bin first on PATH (the
+python backend stub derives sys.prefix from it) and LD_LIBRARY_PATH = nvidia_pytriton.libs + Python's LIBDIR."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import ArtifactError, DgemmaError
+
+
+def free_ports(n: int) -> list[int]:
+    socks = []
+    for _ in range(n):
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        socks.append(s)
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def server_binary() -> Path:
+    wheel = Path(sysconfig.get_paths()["purelib"]) / "pytriton" / "tritonserver" / "bin" / "tritonserver"
+    if wheel.exists():
+        return wheel
+    found = shutil.which("tritonserver")
+    if found:
+        return Path(found)
+    raise ArtifactError("tritonserver not found: install the serving extra (pip install -e '.[serve]') "
+                        "or put tritonserver on PATH.")
+
+
+def server_env() -> dict[str, str]:
+    env = dict(os.environ)
+    venv_bin = str(Path(sys.executable).parent)
+    env["PATH"] = venv_bin + os.pathsep + env.get("PATH", "")
+    libs = [str(Path(sysconfig.get_paths()["purelib"]) / "nvidia_pytriton.libs"), sysconfig.get_config_var("LIBDIR")]
+    if env.get("LD_LIBRARY_PATH"):
+        libs.append(env["LD_LIBRARY_PATH"])
+    env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in libs if p)
+    return env
+
+
+@dataclass
+class Server:
+    root: Path  # a rendered build/triton/<gpu>/<precision>
+    http_port: int = 0
+    grpc_port: int = 0
+    metrics_port: int = 0
+    log_path: Path | None = None
+    proc: subprocess.Popen | None = field(default=None, repr=False)
+
+    @property
+    def grpc_url(self) -> str:
+        return f"127.0.0.1:{self.grpc_port}"
+
+    @property
+    def http_url(self) -> str:
+        return f"127.0.0.1:{self.http_port}"
+
+    def start(self, timeout_s: float = 60.0) -> "Server":
+        models, backends = self.root / "models", self.root / "backends"
+        if not (models / "dgemma" / "config.pbtxt").exists():
+            raise ArtifactError(f"{models} is not a rendered repository. Render it with: make repo")
+        if not all((self.http_port, self.grpc_port, self.metrics_port)):
+            self.http_port, self.grpc_port, self.metrics_port = free_ports(3)
+        self.log_path = self.log_path or self.root / "server.log"
+        cmd = [str(server_binary()), f"--model-repository={models}", f"--backend-directory={backends}",
+               "--http-address=127.0.0.1", "--grpc-address=127.0.0.1", f"--http-port={self.http_port}",
+               f"--grpc-port={self.grpc_port}", f"--metrics-port={self.metrics_port}", "--allow-metrics=false",
+               "--model-control-mode=explicit", "--load-model=*", "--exit-on-error=true"]
+        log = open(self.log_path, "w")
+        self.proc = subprocess.Popen(cmd, env=server_env(), stdout=log, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+        log.close()
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise DgemmaError(f"tritonserver exited with code {self.proc.returncode} during startup; "
+                                  f"last log lines:\n{self.log_tail()}")
+            if self.ready():
+                return self
+            time.sleep(0.25)
+        self.stop()
+        raise DgemmaError(f"tritonserver not ready after {timeout_s:.0f} s; last log lines:\n{self.log_tail()}")
+
+    def ready(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"http://{self.http_url}/v2/health/ready", timeout=1) as r:
+                return r.status == 200
+        except OSError:
+            return False
+
+    def log_tail(self, n: int = 30) -> str:
+        try:
+            return "\n".join(Path(self.log_path).read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return "(no log)"
+
+    def stop(self, timeout_s: float = 15.0) -> None:
+        """SIGTERM to the server's PID (its stubs exit with it), SIGKILL after timeout_s."""
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(5)
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()
+
+
+def cmd_serve(args) -> int:
+    from .render import render
+
+    def interrupt(signum, frame):  # SIGTERM stops it like Ctrl-C
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
+    root = render(args.gpu, args.precision, args.checkpoint, backend=args.backend)
+    srv = Server(root)
+    if args.http_port:
+        srv.http_port, srv.grpc_port, srv.metrics_port = args.http_port, args.grpc_port, args.metrics_port
+    try:
+        srv.start(timeout_s=args.timeout)
+    except KeyboardInterrupt:
+        srv.stop()
+        raise
+    print(f"tritonserver pid {srv.proc.pid} ready: grpc {srv.grpc_url}  http {srv.http_url}  "
+          f"(log {srv.log_path}); Ctrl-C stops it", flush=True)
+    try:
+        while srv.proc.poll() is None:
+            time.sleep(0.5)
+        print(f"tritonserver exited with code {srv.proc.returncode}; log {srv.log_path}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("\nstopping tritonserver", file=sys.stderr)
+        srv.stop()
+        return 0
+
+
+def add_parsers(sub) -> None:
+    s = sub.add_parser("serve", help="render the Triton repository and run tritonserver on 127.0.0.1")
+    s.add_argument("--gpu", default="cpu")
+    s.add_argument("--precision", default="bf16")
+    s.add_argument("--checkpoint", help="checkpoint dir (default: the embedded trained tiny model)")
+    s.add_argument("--backend", default="torch", choices=["torch", "ort"])
+    s.add_argument("--http-port", type=int, default=0, help="default: free ports")
+    s.add_argument("--grpc-port", type=int, default=0)
+    s.add_argument("--metrics-port", type=int, default=0)
+    s.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for readiness")
+    s.set_defaults(func=cmd_serve)

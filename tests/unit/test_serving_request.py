@@ -1,0 +1,117 @@
+"""Request parsing and repository rendering for Triton, without Triton: every RequestError message has a test."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+
+from dgemma.errors import RequestError
+from dgemma.profiles import PROFILES
+from dgemma.serving.canvas_loop import INPUTS, Limits, Request, parse_request, response
+from dgemma.tiny import DEFAULT_CHECKPOINT
+from dgemma.tokens import Tokenizer
+
+LIMITS = Limits(target="cpu/bf16", max_prompt=64, max_context=256, canvas_length=32, max_denoising_steps=48,
+                default_max_tokens=32, default_entropy_bound=0.1)
+TOK = Tokenizer(DEFAULT_CHECKPOINT)
+PROMPT = "sort: 3 1 4 1 5 9 2 6 5 3"
+
+
+def parse(**kw):
+    inputs = {k: np.array([v.encode() if isinstance(v, str) else v]) for k, v in kw.items()}
+    return parse_request(inputs, LIMITS, TOK.encode_chat)
+
+
+def test_defaults_and_roundtrip():
+    r = parse(text_input=PROMPT)
+    assert list(r.input_ids) == TOK.encode_chat(PROMPT)
+    assert (r.max_tokens, r.seed, r.stream, r.max_denoising_steps, r.entropy_bound, r.ignore_eos, r.infill) == \
+        (32, 0, False, 48, 0.1, False, None)
+    r2 = parse(text_input=PROMPT, max_tokens=np.int32(96), seed=np.int64(7), stream=True, max_denoising_steps=np.int32(5),
+               entropy_bound=np.float32(0.5), ignore_eos=True, infill="0 1 _ _")
+    assert Request.from_json(r2.to_json()) == r2
+    assert (r2.max_tokens, r2.seed, r2.stream, r2.max_denoising_steps, r2.ignore_eos) == (96, 7, True, 5, True)
+
+
+@pytest.mark.parametrize("kw, pattern", [
+    (dict(text_input=""), r"text_input is empty \(got ''\)"),
+    (dict(text_input="   "), r"text_input is empty"),
+    (dict(text_input="sort: " + " ".join("7" * 40)), r"prompt has \d+ tokens; cpu/bf16 holds at most 64 prompt "
+                                                    r"tokens \(GpuProfile.max_prompt\)"),
+    (dict(text_input=PROMPT, max_tokens=np.int32(0)), r"max_tokens must be an integer >= 1 \(got 0\); output comes "
+                                                      r"in whole 32-token canvases"),
+    (dict(text_input=PROMPT, max_tokens=np.int32(-5)), r"max_tokens must be an integer >= 1 \(got -5\)"),
+    (dict(text_input=PROMPT, max_tokens=np.int32(1000)), r"max_tokens=1000 needs 32 canvas\(es\) of 32: prompt 51 \+ "
+                                                         r"1024 = 1075 tokens; cpu/bf16 holds at most 256 prompt\+output "
+                                                         r"tokens \(GpuProfile.max_context\). Use max_tokens <= 192"),
+    (dict(text_input=PROMPT, seed=np.int64(-1)), r"seed must be an integer in 0\.\.\d+ \(got -1\)"),
+    (dict(text_input=PROMPT, max_denoising_steps=np.int32(0)), r"max_denoising_steps must be an integer in 1\.\.48 "
+                                                                r"\(got 0\); the checkpoint's generation_config"),
+    (dict(text_input=PROMPT, max_denoising_steps=np.int32(49)), r"in 1\.\.48 \(got 49\)"),
+    (dict(text_input=PROMPT, entropy_bound=np.float32(0)), r"entropy_bound must be a finite number > 0 \(got 0\.0\)"),
+    (dict(text_input=PROMPT, entropy_bound=np.float32("nan")), r"entropy_bound must be a finite number > 0 \(got nan\)"),
+    (dict(text_input=PROMPT, infill="no holes"), r"infill must be a canvas template with at least one '_' hole"),
+    (dict(text_input=PROMPT, temperature=np.float32(1)), r"unknown input\(s\) 'temperature'; accepted: text_input"),
+])
+def test_request_errors_name_value_and_limit(kw, pattern):
+    with pytest.raises(RequestError, match=pattern):
+        parse(**kw)
+
+
+def test_two_values_in_one_input_refused():
+    with pytest.raises(RequestError, match=r"max_tokens must hold exactly one value \(got 2"):
+        parse_request({"text_input": np.array([PROMPT.encode()]), "max_tokens": np.array([1, 2], dtype=np.int32)},
+                      LIMITS, TOK.encode_chat)
+
+
+def test_limits_from_parameters_and_response_shapes():
+    params = {"target": "cpu/bf16", "max_prompt": "64", "max_context": "256", "canvas_length": "32",
+              "max_denoising_steps": "48", "default_max_tokens": "32", "default_entropy_bound": "0.1"}
+    assert Limits.from_parameters(params) == LIMITS
+    with pytest.raises(RequestError, match="lacks parameter 'max_prompt'; re-render with `make repo`"):
+        Limits.from_parameters({k: v for k, v in params.items() if k != "max_prompt"})
+    r = response([5, 6], 1, 2, [3, 4], 2.5)
+    assert r["output_ids"].dtype == np.int64 and r["steps_per_canvas"].tolist() == [3, 4]
+    assert set(r) == {"output_ids", "canvas_index", "canvases", "steps_per_canvas", "tokens_per_forward"}
+
+
+@pytest.mark.parametrize("gpu", sorted(PROFILES))
+def test_render_every_profile(tmp_path, gpu):
+    from dgemma.profiles import _hardware_rule, Precision
+    from dgemma.serving.render import MODELS, render
+
+    for p in PROFILES[gpu].precisions:
+        if _hardware_rule(PROFILES[gpu], Precision(p)):
+            continue
+        root = render(gpu, p.value, out=tmp_path / p.value, backends=False)
+        for m in MODELS:
+            text = (root / "models" / m / "config.pbtxt").read_text()
+            assert "${" not in text and f'name: "{m}"' in text
+        ens = (root / "models" / "dgemma" / "config.pbtxt").read_text()
+        for name in INPUTS:
+            assert f'name: "{name}"' in ens and f'key: "{name}"' in ens
+        pre = (root / "models" / "preprocess" / "config.pbtxt").read_text()
+        assert f'key: "max_prompt" value: {{ string_value: "{PROFILES[gpu].max_prompt}" }}' in pre
+        assert re.search(r'key: "target" value: \{ string_value: "' + gpu + "/" + p.value, pre)
+        assert (root / "models" / "canvas_loop" / "1" / "model.py").exists()
+
+
+def test_render_missing_key_is_an_error(tmp_path):
+    from dgemma.serving.render import MODELS, TEMPLATES, render
+
+    tdir = tmp_path / "tmpl"
+    for m in MODELS:
+        (tdir / m / "1").mkdir(parents=True)
+        (tdir / m / "config.pbtxt.tmpl").write_text((TEMPLATES / m / "config.pbtxt.tmpl").read_text())
+    (tdir / "canvas_loop" / "config.pbtxt.tmpl").write_text('name: "canvas_loop"\n${no_such_key}\n')
+    with pytest.raises(KeyError, match="no_such_key"):
+        render("cpu", "bf16", out=tmp_path / "out", templates=tdir, backends=False)
+
+
+def test_model_py_has_no_sampling_arithmetic():
+    from dgemma.serving.render import TEMPLATES
+
+    src = (TEMPLATES / "canvas_loop" / "1" / "model.py").read_text()
+    assert "import torch" not in src and "multinomial" not in src and "dgemma.serving.canvas_loop" in src

@@ -160,3 +160,15 @@ def test_client_cli_health_and_prompt(triton, capsys):
     assert json.loads(capsys.readouterr().out)["text_output"] == "1 1 2 3 3 4 5 5 6 9"
     assert main(["client", "--url", triton.grpc_url, "--prompt", ""]) == 2
     assert "text_input is empty" in capsys.readouterr().err
+
+
+def test_infill_input_keeps_fixed_tokens(triton, capsys):
+    """The ensemble's optional `infill` input == `dgemma generate --infill` (fixed tokens kept, holes denoised)."""
+    from dgemma.cli import main
+
+    prompt, template = "sort: 8 0 7 2 2 9 4 1 6 3", "0 1 _ _ _ _ _ _ _ _ _ _ _ _ _ _ 8 9"
+    assert main(["generate", "--prompt", prompt, "--seed", "0", "--infill", template, "--json"]) == 0
+    want = json.loads(capsys.readouterr().out)
+    got = request(triton.grpc_url, prompt, seed=0, infill=template)
+    assert got[0]["text_output"] == want["text"]
+    assert got[0]["text_output"].startswith("0 1 ") and got[0]["text_output"].rstrip().endswith("8 9")

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ import torch
 from .config import ModelConfig, SamplerConfig, read_json
 from .errors import CheckpointError
 from .model import DiffusionGemma, rope_inv_freq, torch_dtype
+from .artifacts import publish_dir
 
 log = logging.getLogger(__name__)
 
@@ -222,9 +222,7 @@ def save_checkpoint(model: DiffusionGemma, out_dir: str | Path, sampler: Sampler
                                                 indent=2) + "\n")
         for fname, data in (extra_files or {}).items():
             (tmp / fname).write_bytes(data)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
+        publish_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import tempfile
 import time
@@ -22,6 +21,7 @@ from .errors import ArtifactError, ConfigError
 from .export import DEFAULT_OUT as ONNX_ROOT
 from .export import read_manifest, verify_files
 from .profiles import GpuProfile, check_memory, resolve
+from .artifacts import publish_dir
 
 ROOT = Path(__file__).resolve().parents[2]
 ENGINES = ROOT / "engines"
@@ -146,13 +146,7 @@ def build_engines(gpu: str, precision: str, onnx_root: str | Path = ONNX_ROOT, o
             "contract_sha256": m.get("contract_sha256"), "engines": info,
         }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
-        if final.exists():
-            old = final.parent / f".old-{precision}-{os.getpid()}"
-            final.rename(old)
-            tmp.rename(final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(final)
+        publish_dir(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

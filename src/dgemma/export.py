@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import tempfile
 import time
@@ -23,6 +22,7 @@ from torch import Tensor, nn
 from . import graphs
 from .errors import ArtifactError, ConfigError
 from .model import DiffusionGemma, _repeat_kv
+from .artifacts import publish_dir
 
 ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_OUT = ROOT / "build" / "onnx"
@@ -292,13 +292,7 @@ def export_onnx(model: DiffusionGemma, precision: str, out_root: str | Path = DE
             "io_contract": graphs.contract(model.cfg, precision), "graphs": info,
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
-        if final.exists():
-            old = out_root / f".old-{precision}-{os.getpid()}"
-            final.rename(old)
-            tmp.rename(final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(final)
+        publish_dir(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -8,7 +8,6 @@ the `model.decoder.` prefix removed, so loading is a rename. Knows nothing of sa
 
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.nn.functional as F

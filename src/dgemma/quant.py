@@ -19,7 +19,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import os
 import shutil
 import sys
 import tempfile
@@ -31,6 +30,7 @@ from torch import Tensor, nn
 
 from .errors import ArtifactError, ConfigError
 from .model import OPS, Experts, grouped_mm
+from .artifacts import publish_dir
 
 PRECISIONS = ("fp8", "nvfp4")
 ROOT = Path(__file__).resolve().parents[2]
@@ -297,9 +297,7 @@ def run(precision: str, checkpoint: str | Path | None = None, out: str | Path = 
             "quantizers_enabled": sum(quantizer_summary(model).values()),
         }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        publish_dir(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

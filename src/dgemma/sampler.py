@@ -10,7 +10,7 @@ tokenizers, ONNX, TensorRT or Triton.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import torch

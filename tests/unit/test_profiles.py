@@ -3,7 +3,7 @@
 import pytest
 
 from dgemma.errors import ConfigError
-from dgemma.profiles import PROFILES, Precision, Target, check_memory, describe, memory_plan, resolve
+from dgemma.profiles import PROFILES, Precision, check_memory, describe, memory_plan, resolve
 
 
 @pytest.mark.parametrize("gpu", sorted(PROFILES))

@@ -1,6 +1,5 @@
 """Sampler unit tests on scripted logits: no model, no weights."""
 
-import math
 
 import pytest
 import torch

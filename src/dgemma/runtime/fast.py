@@ -383,8 +383,8 @@ class FastBackend:
         return F.scaled_dot_product_attention(qf, k, v, attn_mask=mask, scale=1.0).reshape(b, nh, s, d)
 
     def _forward(self, state: FastState, mode: str, span: int):
-        m, cfg, io, cache = self.model, self.cfg, state.io, state.cache
-        w1, ar = cfg.sliding_cache_len, mode == "ar"
+        m, cfg, io = self.model, self.cfg, state.io
+        ar = mode == "ar"
         enc = mode == "enc" or ar  # causal passes that write the cache
         ids = io["ar_ids"] if ar else io["canvas"]
         s = ids.shape[1]

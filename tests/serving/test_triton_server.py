@@ -172,3 +172,13 @@ def test_infill_input_keeps_fixed_tokens(triton, capsys):
     got = request(triton.grpc_url, prompt, seed=0, infill=template)
     assert got[0]["text_output"] == want["text"]
     assert got[0]["text_output"].startswith("0 1 ") and got[0]["text_output"].rstrip().endswith("8 9")
+
+
+def test_start_is_idempotent_and_context_manager_keeps_one_server(triton):
+    pid = triton.proc.pid
+    assert triton.start() is triton and triton.proc.pid == pid
+    with triton as same:  # __enter__ on a running server must not launch (and orphan) a second one
+        assert same.proc.pid == pid
+    assert triton.proc.poll() is not None  # __exit__ stopped it
+    triton.start()  # restart for the remaining tests of the session
+    assert triton.ready()

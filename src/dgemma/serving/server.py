@@ -71,6 +71,8 @@ class Server:
         return f"127.0.0.1:{self.http_port}"
 
     def start(self, timeout_s: float = 60.0) -> "Server":
+        if self.proc is not None and self.proc.poll() is None:
+            return self  # already running (e.g. `with Server(r).start() as s`): never orphan a second server
         models, backends = self.root / "models", self.root / "backends"
         if not (models / "dgemma" / "config.pbtxt").exists():
             raise ArtifactError(f"{models} is not a rendered repository. Render it with: make repo")

@@ -21,6 +21,7 @@ import torch
 from .config import ModelConfig, SamplerConfig
 from .errors import ConfigError
 from .profiles import GpuProfile, Precision
+from .runtime.base import BackendWrapper
 from .sampler import generate
 
 SCENARIO_DIR = Path(__file__).resolve().parents[2] / "bench" / "scenarios"
@@ -180,13 +181,12 @@ def roofline(cfg: ModelConfig, precision: Precision, prefix: int, hbm_gbs: float
     }
 
 
-class TimedBackend:
+class TimedBackend(BackendWrapper):
     """Wraps a Backend and records a timing trace (synchronising the device around each call)."""
 
     def __init__(self, inner, trace: list[dict]):
-        self.inner, self.trace = inner, trace
-        for k in ("vocab_size", "canvas_length", "device", "max_context"):
-            setattr(self, k, getattr(inner, k))
+        super().__init__(inner)
+        self.trace = trace
         self._encodes = 0
         self._step_t0 = None
 
@@ -198,9 +198,6 @@ class TimedBackend:
     def new_state(self, batch):
         self._encodes = 0
         return self.inner.new_state(batch)
-
-    def length(self, state):
-        return self.inner.length(state)
 
     def encode(self, state, ids):
         t0 = self._now()

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from .config import FULL_SIZE, TINY, SamplerConfig
 from .model import DiffusionGemma
+from .runtime.base import BackendWrapper
 from .runtime.fast import FastBackend, quantize_fp8_
 from .runtime.torch_backend import TorchBackend
 from .sampler import generate
@@ -205,21 +206,7 @@ def run(args) -> dict:
                          ignore_eos=True)
     marks = {}
 
-    class Clocked:
-        def __init__(self, inner):
-            self.inner = inner
-            self.vocab_size, self.canvas_length = inner.vocab_size, inner.canvas_length
-            self.device, self.max_context = inner.device, inner.max_context
-
-        def new_state(self, b):
-            return self.inner.new_state(b)
-
-        def length(self, s):
-            return self.inner.length(s)
-
-        def encode(self, s, ids):
-            self.inner.encode(s, ids)
-
+    class Clocked(BackendWrapper):
         def denoise(self, s, cv, sf, t):
             if "start" not in marks:
                 marks["start"] = _mark(dev)

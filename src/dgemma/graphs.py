@@ -58,22 +58,21 @@ def kv_dtype(precision: str) -> str:
     return PRECISION_DTYPES[precision]
 
 
-def _past(cfg: ModelConfig, dtype: str) -> list[TensorSpec]:
+def _kv(cfg: ModelConfig, dtype: str, key, value, sliding_len: str, full_len: str) -> list[TensorSpec]:
+    """Per-layer K/V specs [B, kvh_i, len, hd_i]; the length dim is symbolic and distinct per layer kind."""
     out = []
     for i in range(cfg.num_hidden_layers):
-        p = PAST_SLIDING if cfg.is_sliding(i) else PAST_FULL
-        dims = (BATCH, cfg.layer_kv_heads(i), p, cfg.layer_head_dim(i))
-        out += [TensorSpec(past_key(i), dtype, dims), TensorSpec(past_value(i), dtype, dims)]
+        dims = (BATCH, cfg.layer_kv_heads(i), sliding_len if cfg.is_sliding(i) else full_len, cfg.layer_head_dim(i))
+        out += [TensorSpec(key(i), dtype, dims), TensorSpec(value(i), dtype, dims)]
     return out
+
+
+def _past(cfg: ModelConfig, dtype: str) -> list[TensorSpec]:
+    return _kv(cfg, dtype, past_key, past_value, PAST_SLIDING, PAST_FULL)
 
 
 def _present(cfg: ModelConfig, dtype: str) -> list[TensorSpec]:
-    out = []
-    for i in range(cfg.num_hidden_layers):
-        p = PRESENT_SLIDING if cfg.is_sliding(i) else PRESENT_FULL
-        dims = (BATCH, cfg.layer_kv_heads(i), p, cfg.layer_head_dim(i))
-        out += [TensorSpec(present_key(i), dtype, dims), TensorSpec(present_value(i), dtype, dims)]
-    return out
+    return _kv(cfg, dtype, present_key, present_value, PRESENT_SLIDING, PRESENT_FULL)
 
 
 def encoder_inputs(cfg: ModelConfig, precision: str = "bf16") -> list[TensorSpec]:

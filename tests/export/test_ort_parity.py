@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from dgemma.runtime.base import BackendWrapper
 from dgemma.runtime.ort_backend import OrtBackend
 from dgemma.runtime.torch_backend import TorchBackend
 from dgemma.sampler import generate
@@ -59,22 +60,12 @@ def test_ort_matches_torch(backends, batch, prompt_len):
     assert rel(lo, lt) < TOL and rel(no, nt) < TOL
 
 
-class _Recording:
+class _Recording(BackendWrapper):
     """TorchBackend that records each step's inputs and outputs."""
 
     def __init__(self, inner):
-        self.inner, self.steps = inner, []
-        for k in ("vocab_size", "canvas_length", "device", "max_context"):
-            setattr(self, k, getattr(inner, k))
-
-    def new_state(self, b):
-        return self.inner.new_state(b)
-
-    def length(self, s):
-        return self.inner.length(s)
-
-    def encode(self, s, ids):
-        self.inner.encode(s, ids)
+        super().__init__(inner)
+        self.steps = []
 
     def denoise(self, s, canvas, soft, t):
         raw, nxt = self.inner.denoise(s, canvas, soft, t)

@@ -37,3 +37,25 @@ class Backend(Protocol):
 
     def length(self, state: Any) -> int:
         """P: tokens already encoded into the state."""
+
+
+class BackendWrapper:
+    """Forwards the Backend protocol to `inner`; subclasses override only the calls they observe
+    (timing traces, recording, clocks)."""
+
+    def __init__(self, inner: Backend):
+        self.inner = inner
+        for k in ("vocab_size", "canvas_length", "device", "max_context"):
+            setattr(self, k, getattr(inner, k))
+
+    def new_state(self, batch: int) -> Any:
+        return self.inner.new_state(batch)
+
+    def length(self, state: Any) -> int:
+        return self.inner.length(state)
+
+    def encode(self, state: Any, ids: Tensor) -> None:
+        self.inner.encode(state, ids)
+
+    def denoise(self, state: Any, canvas: Tensor, soft: Tensor | None, temperature: Tensor) -> tuple[Tensor, Tensor]:
+        return self.inner.denoise(state, canvas, soft, temperature)

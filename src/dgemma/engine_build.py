@@ -143,7 +143,7 @@ def build_engines(gpu: str, precision: str, onnx_root: str | Path = ONNX_ROOT, o
             "precision": precision, "onnx_precision": onnx_precision, "compute_capabilities": list(sms),
             "tensorrt": {"flavour": flavour, "version": trt.__version__},
             "onnx_dir": str(onnx_dir), "onnx_manifest_sha256": _file_sha(onnx_dir / "manifest.json"),
-            "contract_sha256": m.get("contract_sha256"), "engines": info,
+            "contract_sha256": m.get("contract_sha256"), "model_config": m["model_config"], "engines": info,
         }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
         publish_dir(tmp, final)

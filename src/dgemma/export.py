@@ -1,6 +1,6 @@
 """Export of the native model's two passes to ONNX: `encoder` and `denoiser` graphs + manifest.json.
 
-Owns the export wrappers (flat per-layer K/V tensors in and out, masks built inside from the shapes), the
+Owns the export wrappers (fixed-capacity K/V buffers + past_length in, new K/V out; masks built inside), the
 torch.onnx.export call (dynamo first, legacy TorchScript exporter as fallback), external data for models over
 2 GB, onnx.checker, and the atomic output layout build/onnx/<precision>/{encoder,denoiser}/model.onnx +
 manifest.json. Names and dims come from dgemma.graphs. Knows nothing of sampling, ONNX Runtime or TensorRT.
@@ -39,73 +39,86 @@ def _attend(attn, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tenso
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0)
 
 
-def causal_mask(s: int, keys: Tensor, window: int | None) -> Tensor:
-    """Encoder mask [1,1,S,K] (True = attend) over keys [..,K,..] = cached + new, in key-index space: query j
-    sits at key index K-S+j and sees key k iff k <= K-S+j, and (sliding, window W) k > K-S+j-W."""
-    n = keys.shape[-2]
-    q = torch.arange(s, device=keys.device)[:, None] + (n - s)
-    k = torch.arange(n, device=keys.device)[None, :]
-    m = k <= q
-    if window is not None:
-        m = m & (k > q - window)
-    return m[None, None]
+def encoder_mask(past_length: Tensor, cap: int, s: int, window: int | None, keep: int) -> Tensor:
+    """Encoder mask [B,1,S,cap+S] (True = attend) over keys = KV buffer slots (cap) followed by the S new tokens.
+
+    Full layers: slot k holds position k, valid iff k < P_b. Sliding layers (window W, keep = W-1): slot k holds
+    position P_b - L_b + k with L_b = min(P_b, keep); query j (position P_b + j) sees it iff k < L_b and
+    k > L_b + j - W. New key k' is seen iff k' <= j (and k' > j - W when sliding).
+    """
+    dev = past_length.device
+    j = torch.arange(s, device=dev)[:, None]  # [S,1]
+    k = torch.arange(cap, device=dev)[None, :]  # [1,cap]
+    kn = torch.arange(s, device=dev)[None, :]  # [1,S]
+    lengths = past_length.reshape(-1, 1, 1, 1)
+    new = kn <= j
+    if window is None:
+        old = k < lengths  # [B,1,1,cap]
+        old = old.expand(-1, 1, s, -1)
+    else:
+        lengths = lengths.clamp(max=keep)
+        old = (k < lengths) & (k > lengths + j - window)  # [B,1,S,cap]
+        new = new & (kn > j - window)
+    return torch.cat([old, new[None, None].expand(old.shape[0], 1, s, s)], dim=-1)
 
 
-def _last(x: Tensor, keep: int) -> Tensor:
-    """x[:, :, -keep:] without a guard on len >= keep (torch.export would specialise the plain slice)."""
-    n = x.shape[-2]
-    start = torch.sym_max(n - keep, 0)
-    return x.narrow(-2, start, n - start)
+def prefix_mask(past_length: Tensor, cap: int, c: int, sliding: bool, keep: int) -> Tensor:
+    """Denoiser mask [B,1,1,cap+C]: the valid buffer slots (P_b full, min(P_b, W-1) sliding) and every canvas
+    key; every canvas query sees the same keys (spec §14 risk 2)."""
+    lengths = past_length.reshape(-1, 1, 1, 1)
+    if sliding:
+        lengths = lengths.clamp(max=keep)
+    old = torch.arange(cap, device=past_length.device)[None, None, None, :] < lengths
+    return torch.cat([old, torch.ones_like(old[..., :1]).expand(-1, 1, 1, c)], dim=-1)
 
 
 class EncoderGraph(nn.Module):
-    """(input_ids, position_ids, past_key_0, past_value_0, ...) -> (present_key_0, present_value_0, ...).
+    """(input_ids, position_ids, past_length, past_key_0, past_value_0, ...) -> (new_key_0, new_value_0, ...).
 
-    Same arithmetic as DiffusionGemma.encode; the last layer only computes its K/V (generation never reads the
-    encoder's hidden states). Sliding presents keep the last min(P+S, W-1) tokens.
+    Same arithmetic as DiffusionGemma.encode over fixed-capacity buffers (contract v2): the new tokens attend
+    to the valid buffer slots and causally to each other; only their K/V leave the graph (the runtime appends
+    them, dgemma.runtime.kvbuf). The last layer only computes its K/V (generation never reads the encoder's
+    hidden states).
     """
 
     def __init__(self, model: DiffusionGemma):
         super().__init__()
         self.model = model
 
-    def forward(self, input_ids: Tensor, position_ids: Tensor, *past: Tensor) -> tuple[Tensor, ...]:
+    def forward(self, input_ids: Tensor, position_ids: Tensor, past_length: Tensor, *past: Tensor) -> tuple[Tensor, ...]:
         m, cfg = self.model, self.model.cfg
         s = input_ids.shape[1]
         rope = m.rope(position_ids, m.dtype)
         x = m.embed(input_ids)
-        presents: list[Tensor] = []
+        news: list[Tensor] = []
         masks: dict[bool, Tensor] = {}
         last = len(m.layers) - 1
         for i, layer in enumerate(m.layers):
             at = layer.self_attn
             cos, sin = rope[at.sliding]
             h = layer.input_layernorm(x)
-            pk, pv = past[2 * i], past[2 * i + 1]
             if i == last:
                 k, v = at.kv(h, cos, sin)
             else:
                 q, k, v = at.qkv(h, cos, sin)
-            k_all, v_all = torch.cat([pk, k], dim=-2), torch.cat([pv, v], dim=-2)
-            if at.sliding:
-                presents += [_last(k_all, cfg.sliding_cache_len), _last(v_all, cfg.sliding_cache_len)]
-            else:
-                presents += [k_all, v_all]
+            news += [k, v]
             if i == last:
                 break
-            if at.sliding not in masks:  # one mask per layer kind (all layers of a kind share K)
-                masks[at.sliding] = causal_mask(s, k_all, cfg.sliding_window if at.sliding else None)
-            a = _attend(at, q, k_all, v_all, masks[at.sliding])
+            pk, pv = past[2 * i], past[2 * i + 1]
+            if at.sliding not in masks:  # one mask per layer kind (all layers of a kind share the capacity)
+                masks[at.sliding] = encoder_mask(past_length, pk.shape[-2], s,
+                                                 cfg.sliding_window if at.sliding else None, cfg.sliding_cache_len)
+            a = _attend(at, q, torch.cat([pk, k], dim=-2), torch.cat([pv, v], dim=-2), masks[at.sliding])
             r = x + layer.post_attention_layernorm(at.out(a))
             x = layer.ffn(r, m.encoder_layer_scalars[i : i + 1].to(r.dtype))
-        return tuple(presents)
+        return tuple(news)
 
 
 class DenoiserGraph(nn.Module):
-    """(canvas_ids, sc_embeds, temperature, position_ids, past...) -> (logits fp32, next_sc_embeds).
+    """(canvas_ids, sc_embeds, temperature, position_ids, past_length, past...) -> (logits fp32, next_sc_embeds).
 
-    Bidirectional over the canvas; every canvas query sees the same prefix keys: all P for full layers, the last
-    min(P, W-1) for sliding layers (the slice below enforces it from the shapes, so no mask is needed).
+    Bidirectional over the canvas; every canvas query sees the same prefix keys: the valid slots of each
+    layer's buffer (all P for full layers, the last min(P, W-1) for sliding layers) and the whole canvas.
     next_sc_embeds = soft_embed(logits / temperature) (spec §10, "better for production").
     """
 
@@ -114,19 +127,21 @@ class DenoiserGraph(nn.Module):
         self.model = model
 
     def forward(self, canvas_ids: Tensor, sc_embeds: Tensor, temperature: Tensor, position_ids: Tensor,
-                *past: Tensor) -> tuple[Tensor, Tensor]:
+                past_length: Tensor, *past: Tensor) -> tuple[Tensor, Tensor]:
         m, cfg = self.model, self.model.cfg
+        c = canvas_ids.shape[1]
         rope = m.rope(position_ids, m.dtype)
         e = m.embed(canvas_ids)
         x = m.self_conditioning(e, sc_embeds.to(e.dtype))
+        masks: dict[bool, Tensor] = {}
         for i, layer in enumerate(m.layers):
             at = layer.self_attn
             cos, sin = rope[at.sliding]
             q, k, v = at.qkv(layer.input_layernorm(x), cos, sin)
             pk, pv = past[2 * i], past[2 * i + 1]
-            if at.sliding:
-                pk, pv = _last(pk, cfg.sliding_cache_len), _last(pv, cfg.sliding_cache_len)
-            a = _attend(at, q, torch.cat([pk, k], dim=-2), torch.cat([pv, v], dim=-2), None)
+            if at.sliding not in masks:
+                masks[at.sliding] = prefix_mask(past_length, pk.shape[-2], c, at.sliding, cfg.sliding_cache_len)
+            a = _attend(at, q, torch.cat([pk, k], dim=-2), torch.cat([pv, v], dim=-2), masks[at.sliding])
             r = x + layer.post_attention_layernorm(at.out(a))
             x = layer.ffn(r, layer.layer_scalar.to(r.dtype))
         logits = m.logits(x)
@@ -136,18 +151,21 @@ class DenoiserGraph(nn.Module):
 # -- example inputs ---------------------------------------------------------------------------------------------
 _TORCH = {"int64": torch.int64, "float32": torch.float32, "bfloat16": torch.bfloat16}
 # distinct example sizes so no two symbolic dims are unified (and none is 0/1, which exporters specialise)
-_EXAMPLE = {graphs.BATCH: 2, graphs.SEQ: 3, graphs.PAST_FULL: 7, graphs.PAST_SLIDING: 5}
+_EXAMPLE = {graphs.BATCH: 2, graphs.SEQ: 3, graphs.KV_CAPACITY: 11}
+_EXAMPLE_LENGTHS = (7, 5)  # past_length per example row (<= kv_capacity)
 
 
 def example_inputs(graph: str, cfg, precision: str) -> tuple[Tensor, ...]:
     out = []
+    lengths = torch.tensor(_EXAMPLE_LENGTHS)
     for t in graphs.inputs(graph, cfg, precision):
         shape = [d if isinstance(d, int) else _EXAMPLE[d] for d in t.dims]
         if t.name in ("input_ids", "canvas_ids"):
             out.append(torch.randint(0, cfg.vocab_size, shape))
         elif t.name == "position_ids":
-            p = _EXAMPLE[graphs.PAST_FULL]
-            out.append(torch.arange(p, p + shape[1]).expand(shape).contiguous())
+            out.append(lengths[:, None] + torch.arange(shape[1])[None, :])
+        elif t.name == graphs.PAST_LENGTH:
+            out.append(lengths.clone())
         elif t.name == "temperature":
             out.append(torch.full(shape, 0.7))
         else:
@@ -159,11 +177,10 @@ def _dynamic_shapes(graph: str, cfg, precision: str):
     from torch.export import Dim
 
     dims = {graphs.BATCH: Dim(graphs.BATCH, min=1, max=4096), graphs.SEQ: Dim(graphs.SEQ, min=1, max=1 << 20),
-            graphs.PAST_FULL: Dim(graphs.PAST_FULL, min=0, max=1 << 20),
-            graphs.PAST_SLIDING: Dim(graphs.PAST_SLIDING, min=0, max=cfg.sliding_cache_len)}
+            graphs.KV_CAPACITY: Dim(graphs.KV_CAPACITY, min=2, max=1 << 20)}
     specs = graphs.inputs(graph, cfg, precision)
     per = [{k: dims[d] for k, d in enumerate(t.dims) if isinstance(d, str)} for t in specs]
-    n_fixed = 2 if graph == graphs.ENCODER else 4
+    n_fixed = 3 if graph == graphs.ENCODER else 5
     return (*per[:n_fixed], tuple(per[n_fixed:]))
 
 

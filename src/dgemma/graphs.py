@@ -2,11 +2,16 @@
 
 Owns `TensorSpec` lists derived from a ModelConfig (and the weight dtype of the export precision) and the
 min/opt/max optimisation-profile shapes derived from a GpuProfile. Export, the ONNX Runtime backend, the engine
-builder and the tests read names and dims from here and nowhere else. Knows nothing of torch, ONNX or TensorRT.
+builder, the Triton models and the tests read names and dims from here and nowhere else. Knows nothing of torch,
+ONNX or TensorRT.
 
-Symbolic dims (each distinct length has its own name, spec §14 risk 9): `batch`, `seq` (encoder tokens),
-`past_full` (cached tokens of full layers, P), `past_sliding` (cached tokens of sliding layers, min(P, W-1)),
-`present_full` (P+S) and `present_sliding` (min(P+S, W-1)). The canvas length is static.
+Fixed-capacity KV (contract v2, spec §10 "better for production"): both graphs read per-layer K/V buffers of a
+fixed capacity plus `past_length` [B] (tokens cached per row); full layers hold positions 0..P-1 in slots
+0..P-1 of a `kv_capacity`-long buffer, sliding layers hold the last min(P, W-1) tokens in order at the front of a
+static W-1 buffer. The encoder returns only the K/V of its new tokens (`new_key_i`, `new_value_i`); the runtime
+appends them (dgemma.runtime.kvbuf). Equal shapes for every request make Triton dynamic batching possible and
+keep the graphs free of growing concats. Symbolic dims: `batch`, `seq` (encoder tokens), `kv_capacity`; the
+canvas length and the sliding capacity are static.
 """
 
 from __future__ import annotations
@@ -20,10 +25,9 @@ from .errors import ConfigError
 
 ENCODER, DENOISER = "encoder", "denoiser"
 GRAPHS = (ENCODER, DENOISER)
-BATCH, SEQ = "batch", "seq"
-PAST_FULL, PAST_SLIDING = "past_full", "past_sliding"
-PRESENT_FULL, PRESENT_SLIDING = "present_full", "present_sliding"
-CONTRACT_VERSION = 1
+BATCH, SEQ, KV_CAPACITY = "batch", "seq", "kv_capacity"
+PAST_LENGTH = "past_length"
+CONTRACT_VERSION = 2
 
 # export precision -> dtype of weights, KV and sc_embeds ("fp32" is the CPU/ONNX Runtime reference form)
 PRECISION_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp8": "bfloat16", "nvfp4": "bfloat16"}
@@ -44,12 +48,12 @@ def past_value(i: int) -> str:
     return f"past_value_{i}"
 
 
-def present_key(i: int) -> str:
-    return f"present_key_{i}"
+def new_key(i: int) -> str:
+    return f"new_key_{i}"
 
 
-def present_value(i: int) -> str:
-    return f"present_value_{i}"
+def new_value(i: int) -> str:
+    return f"new_value_{i}"
 
 
 def kv_dtype(precision: str) -> str:
@@ -58,30 +62,32 @@ def kv_dtype(precision: str) -> str:
     return PRECISION_DTYPES[precision]
 
 
-def _kv(cfg: ModelConfig, dtype: str, key, value, sliding_len: str, full_len: str) -> list[TensorSpec]:
-    """Per-layer K/V specs [B, kvh_i, len, hd_i]; the length dim is symbolic and distinct per layer kind."""
+def _kv(cfg: ModelConfig, dtype: str, key, value, length) -> list[TensorSpec]:
+    """Per-layer K/V specs [B, kvh_i, length(sliding), hd_i] in contract order (key_0, value_0, key_1, ...)."""
     out = []
     for i in range(cfg.num_hidden_layers):
-        dims = (BATCH, cfg.layer_kv_heads(i), sliding_len if cfg.is_sliding(i) else full_len, cfg.layer_head_dim(i))
+        dims = (BATCH, cfg.layer_kv_heads(i), length(cfg.is_sliding(i)), cfg.layer_head_dim(i))
         out += [TensorSpec(key(i), dtype, dims), TensorSpec(value(i), dtype, dims)]
     return out
 
 
-def _past(cfg: ModelConfig, dtype: str) -> list[TensorSpec]:
-    return _kv(cfg, dtype, past_key, past_value, PAST_SLIDING, PAST_FULL)
+def past(cfg: ModelConfig, precision: str = "bf16") -> list[TensorSpec]:
+    """The KV buffers both graphs read: kv_capacity slots (full layers), W-1 slots (sliding layers)."""
+    return _kv(cfg, kv_dtype(precision), past_key, past_value,
+               lambda sliding: cfg.sliding_cache_len if sliding else KV_CAPACITY)
 
 
-def _present(cfg: ModelConfig, dtype: str) -> list[TensorSpec]:
-    return _kv(cfg, dtype, present_key, present_value, PRESENT_SLIDING, PRESENT_FULL)
+def _new_kv(cfg: ModelConfig, dtype: str) -> list[TensorSpec]:
+    return _kv(cfg, dtype, new_key, new_value, lambda sliding: SEQ)
 
 
 def encoder_inputs(cfg: ModelConfig, precision: str = "bf16") -> list[TensorSpec]:
     return [TensorSpec("input_ids", "int64", (BATCH, SEQ)), TensorSpec("position_ids", "int64", (BATCH, SEQ)),
-            *_past(cfg, kv_dtype(precision))]
+            TensorSpec(PAST_LENGTH, "int64", (BATCH,)), *past(cfg, precision)]
 
 
 def encoder_outputs(cfg: ModelConfig, precision: str = "bf16") -> list[TensorSpec]:
-    return _present(cfg, kv_dtype(precision))
+    return _new_kv(cfg, kv_dtype(precision))
 
 
 def denoiser_inputs(cfg: ModelConfig, precision: str = "bf16") -> list[TensorSpec]:
@@ -89,8 +95,8 @@ def denoiser_inputs(cfg: ModelConfig, precision: str = "bf16") -> list[TensorSpe
     return [TensorSpec("canvas_ids", "int64", (BATCH, c)),
             TensorSpec("sc_embeds", kv_dtype(precision), (BATCH, c, h)),
             TensorSpec("temperature", "float32", (BATCH,)),
-            TensorSpec("position_ids", "int64", (BATCH, c)),
-            *_past(cfg, kv_dtype(precision))]
+            TensorSpec("position_ids", "int64", (BATCH, c)), TensorSpec(PAST_LENGTH, "int64", (BATCH,)),
+            *past(cfg, precision)]
 
 
 def denoiser_outputs(cfg: ModelConfig, precision: str = "bf16") -> list[TensorSpec]:
@@ -123,21 +129,18 @@ def contract_hash(cfg: ModelConfig, precision: str = "bf16") -> str:
 def dim_ranges(cfg: ModelConfig, gpu) -> dict[str, tuple[int, int, int]]:
     """(min, opt, max) per symbolic input dim for a GpuProfile (max_batch, opt_batch, max_prompt, max_context).
 
-    `seq` covers prompts up to max_prompt and the canvas commit (C tokens); `past_full` is P with P + seq <=
-    max_context; `past_sliding` saturates at W-1. Past lengths start at 0 (first prefill has an empty cache).
+    `seq` covers prompts up to max_prompt and the canvas commit (C tokens); `kv_capacity` is the runtime's
+    buffer length, which it sets to max_context (a smaller buffer is allowed down to one canvas).
     """
-    c, keep = cfg.canvas_length, cfg.sliding_cache_len
+    c = cfg.canvas_length
     max_seq = max(gpu.max_prompt, c)
     if gpu.max_context <= c:
         raise ConfigError(f"GPU profile {gpu.name!r}: max_context={gpu.max_context} must exceed the canvas length "
                           f"{c}; raise max_context in dgemma.profiles.")
-    max_past = gpu.max_context - 1
-    opt_past = min(max_past, max(1, gpu.max_context // 2))
     return {
         BATCH: (1, max(1, min(gpu.opt_batch, gpu.max_batch)), gpu.max_batch),
         SEQ: (1, min(c, max_seq), max_seq),
-        PAST_FULL: (0, opt_past, max_past),
-        PAST_SLIDING: (0, min(keep, opt_past), keep),
+        KV_CAPACITY: (c, gpu.max_context, gpu.max_context),
     }
 
 

@@ -105,6 +105,19 @@ def resolve(gpu: str, precision: str) -> Target:
     return Target(prof, p)
 
 
+# substrings of torch.cuda.get_device_name() / nvidia-smi names -> profile (first match wins)
+_DEVICE_NAMES = (("H200", "h200"), ("H100", "h100"), ("B200", "b200"), ("RTX 5090", "rtx5090"), ("GB10", "dgx-spark"))
+
+
+def for_device(device_name: str) -> str:
+    """The profile name of a GPU by its device name (e.g. 'NVIDIA H100 80GB HBM3' -> 'h100')."""
+    for key, name in _DEVICE_NAMES:
+        if key.lower() in device_name.lower():
+            return name
+    raise ConfigError(f"no GPU profile matches device {device_name!r}; known: "
+                      f"{', '.join(k for k, _ in _DEVICE_NAMES)}. Pass --gpu with one of {', '.join(PROFILES)}.")
+
+
 @dataclass(frozen=True)
 class MemoryPlan:
     weights_gib: float

@@ -32,13 +32,17 @@ def test_onnx_io_equals_contract(onnx_dir, graph):
 
 def test_contract_names_and_distinct_dims():
     enc = graphs.encoder_inputs(TINY)
-    assert [t.name for t in enc][:4] == ["input_ids", "position_ids", "past_key_0", "past_value_0"]
-    assert enc[2].dims == ("batch", 2, "past_sliding", 16) and enc[4].dims == ("batch", 1, "past_full", 32)
+    assert [t.name for t in enc][:5] == ["input_ids", "position_ids", "past_length", "past_key_0", "past_value_0"]
+    assert enc[2].dims == ("batch",) and enc[2].dtype == "int64"
+    # sliding buffers hold W-1 slots (static), full-layer buffers kv_capacity slots
+    assert enc[3].dims == ("batch", 2, TINY.sliding_window - 1, 16) and enc[5].dims == ("batch", 1, "kv_capacity", 32)
     den = graphs.denoiser_inputs(TINY)
-    assert [t.name for t in den][:4] == ["canvas_ids", "sc_embeds", "temperature", "position_ids"]
+    assert [t.name for t in den][:5] == ["canvas_ids", "sc_embeds", "temperature", "position_ids", "past_length"]
+    assert [t.dims for t in den[5:]] == [t.dims for t in enc[3:]]
     assert [t.name for t in graphs.denoiser_outputs(TINY)] == ["logits", "next_sc_embeds"]
     assert graphs.denoiser_outputs(TINY)[0].dtype == "float32"
-    assert graphs.encoder_outputs(TINY)[0].dims[2] == "present_sliding"
+    assert [t.name for t in graphs.encoder_outputs(TINY)][:2] == ["new_key_0", "new_value_0"]
+    assert all(t.dims[2] == "seq" for t in graphs.encoder_outputs(TINY))
     assert graphs.contract_hash(TINY, "fp32") != graphs.contract_hash(TINY, "bf16")
 
 
@@ -51,7 +55,7 @@ def test_profile_shapes_cover_every_input(gpu):
         for lo, opt, hi in shapes.values():
             assert all(a <= b <= c for a, b, c in zip(lo, opt, hi))
     r = graphs.dim_ranges(TINY, prof)
-    assert r["past_full"][0] == 0 and r["past_sliding"][2] == TINY.sliding_window - 1
+    assert r["kv_capacity"] == (TINY.canvas_length, prof.max_context, prof.max_context)
     assert r["batch"][2] == prof.max_batch and r["seq"][2] >= TINY.canvas_length
 
 

@@ -100,3 +100,38 @@ def test_sampler_on_ort_replays_torch_logits(backends):
     assert len(rep.diffs) == len(rec.steps) == sum(ref.steps_per_canvas) and ref.canvases == 2
     assert max(d for d, _ in rep.diffs) < 1e-4 and max(d for _, d in rep.diffs) < 1e-4
     assert torch.equal(out.sequences, ref.sequences)
+
+
+def test_rows_with_different_lengths_share_one_batch(backends):
+    """Contract v2: per-row past_length lets requests at different positions share one denoiser / commit batch
+    (what Triton's dynamic batcher does); each row equals its own torch run."""
+    import numpy as np
+
+    from dgemma.runtime.ort_backend import OrtState
+
+    ob, tb = backends
+    g = torch.Generator().manual_seed(11)
+    prompts = [torch.randint(0, ob.vocab_size, (1, n), generator=g) for n in (9, 37)]  # around the window (16)
+    canvas = torch.randint(0, ob.vocab_size, (2, ob.canvas_length), generator=g)
+    singles, refs = [], []
+    for p in prompts:
+        so, st = ob.new_state(1), tb.new_state(1)
+        ob.encode(so, p)
+        tb.encode(st, p)
+        singles.append(so)
+        refs.append(st)
+    both = OrtState(2, [s.lengths[0] for s in singles],
+                    [np.concatenate([a, b]) for a, b in zip(singles[0].kv, singles[1].kv)])
+    t = torch.tensor(0.8)
+    lo, no = ob.denoise(both, canvas, None, t)
+    for r, st in enumerate(refs):
+        lt, nt = tb.denoise(st, canvas[r:r + 1], None, t)
+        assert rel(lo[r:r + 1], lt) < TOL and rel(no[r:r + 1], nt) < TOL
+    ob.encode(both, canvas)  # commit both rows at their own positions
+    assert both.lengths == [9 + ob.canvas_length, 37 + ob.canvas_length]
+    for r, st in enumerate(refs):
+        tb.encode(st, canvas[r:r + 1])
+        one = OrtState(1, [both.lengths[r]], [a[r:r + 1] for a in both.kv])
+        for j, kv in enumerate(ob.kv_tensors(one)):
+            k, v = st.prefix(j // 2)
+            assert rel(kv, (k, v)[j % 2]) < TOL

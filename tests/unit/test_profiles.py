@@ -62,3 +62,12 @@ def test_engine_build_checks_memory_before_building(tmp_path, monkeypatch):
     monkeypatch.setattr(eb, "import_trt", lambda gpu: (_ for _ in ()).throw(AssertionError("built anyway")))
     with pytest.raises(ConfigError, match=r"> 80 GiB on NVIDIA H100 SXM 80GB\. precision fp8 fits"):
         eb.build_engines("h100", "bf16", onnx_root=tmp_path, out_root=tmp_path)
+
+
+def test_profile_for_device_name():
+    from dgemma.profiles import for_device
+
+    assert for_device("NVIDIA H100 80GB HBM3") == "h100" and for_device("NVIDIA H200") == "h200"
+    assert for_device("NVIDIA GeForce RTX 5090") == "rtx5090" and for_device("NVIDIA GB10") == "dgx-spark"
+    with pytest.raises(ConfigError, match="RTX 4090"):
+        for_device("NVIDIA GeForce RTX 4090")

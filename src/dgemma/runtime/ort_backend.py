@@ -1,9 +1,9 @@
 """Backend over the exported `encoder` and `denoiser` ONNX graphs with ONNX Runtime (CPU).
 
 Owns `OrtBackend`: loads build/onnx/<precision>/ after checking its manifest (files, IO contract, checkpoint),
-and keeps the KV state as per-layer numpy arrays between calls (full layers grow, sliding layers hold the last
-min(P, W-1) tokens, exactly what the encoder graph returns). Names and dims come from dgemma.graphs.
-Knows nothing of sampling.
+and keeps the KV state as fixed-capacity numpy buffers between calls (contract v2: max_context slots for full
+layers, W-1 for sliding layers, per-row lengths; dgemma.runtime.kvbuf appends the encoder's new K/V). Names and
+dims come from dgemma.graphs. Knows nothing of sampling.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from .. import graphs
+from . import kvbuf
 from ..config import ModelConfig
 from ..errors import ArtifactError, RequestError
 
@@ -25,8 +26,8 @@ REBUILD = "Rebuild with `make onnx` (dgemma export --precision {p} --checkpoint 
 @dataclass
 class OrtState:
     batch: int
-    length: int = 0
-    kv: list[np.ndarray] = field(default_factory=list)  # past_key_0, past_value_0, ... in contract order
+    lengths: list[int] = field(default_factory=list)  # cached tokens per row
+    kv: list[np.ndarray] = field(default_factory=list)  # past_key_0, past_value_0, ... buffers in contract order
 
 
 class OrtBackend:
@@ -87,29 +88,27 @@ class OrtBackend:
 
     # -- Backend protocol ---------------------------------------------------------------------------------------
     def new_state(self, batch: int) -> OrtState:
-        kv = []
-        for t in graphs.inputs(graphs.ENCODER, self.cfg, self.precision)[2:]:
-            kv.append(np.zeros((batch, t.dims[1], 0, t.dims[3]), dtype=self._np_dtype))
-        return OrtState(batch, 0, kv)
+        kv = [np.zeros(shape, dtype=self._np_dtype) for shape in kvbuf.shapes(self.cfg, batch, self.max_context)]
+        return OrtState(batch, [0] * batch, kv)
 
     def length(self, state: OrtState) -> int:
-        return state.length
+        return state.lengths[0]
 
     def _positions(self, state: OrtState, n: int) -> np.ndarray:
-        return np.broadcast_to(np.arange(state.length, state.length + n, dtype=np.int64), (state.batch, n)).copy()
+        return np.asarray(state.lengths, dtype=np.int64)[:, None] + np.arange(n, dtype=np.int64)[None, :]
 
     def _past_feed(self, state: OrtState) -> dict[str, np.ndarray]:
-        names = [t.name for t in graphs.inputs(graphs.ENCODER, self.cfg, self.precision)[2:]]
-        return dict(zip(names, state.kv))
+        names = [t.name for t in graphs.past(self.cfg, self.precision)]
+        return {graphs.PAST_LENGTH: np.asarray(state.lengths, dtype=np.int64), **dict(zip(names, state.kv))}
 
     def _check_room(self, state: OrtState, ids: Tensor) -> None:
         if ids.shape[0] != state.batch:
             raise RequestError(f"batch of {ids.shape[0]} rows, but the state was created for {state.batch}.")
-        if state.length + ids.shape[1] > self.max_context:
+        if max(state.lengths) + ids.shape[1] > self.max_context:
             raise RequestError(
-                f"context of {state.length + ids.shape[1]} tokens exceeds max_context={self.max_context} "
-                f"({state.length} cached + {ids.shape[1]} new). Shorten the prompt, lower max_new_tokens, or raise "
-                "max_context.")
+                f"context of {max(state.lengths) + ids.shape[1]} tokens exceeds max_context={self.max_context} "
+                f"({max(state.lengths)} cached + {ids.shape[1]} new). Shorten the prompt, lower max_new_tokens, or "
+                "raise max_context.")
 
     @torch.no_grad()
     def encode(self, state: OrtState, ids: Tensor) -> None:
@@ -117,8 +116,8 @@ class OrtBackend:
         n = ids.shape[1]
         feed = {"input_ids": ids.to("cpu", torch.int64).numpy(), "position_ids": self._positions(state, n),
                 **self._past_feed(state)}
-        state.kv = self.sessions[graphs.ENCODER].run(None, feed)
-        state.length += n
+        new = self.sessions[graphs.ENCODER].run(None, feed)
+        state.lengths = kvbuf.append(self.cfg, state.kv, new, state.lengths)
 
     @torch.no_grad()
     def denoise(self, state: OrtState, canvas: Tensor, soft: Tensor | None, temperature: Tensor):
@@ -134,4 +133,6 @@ class OrtBackend:
 
     # -- for tests/inspection -----------------------------------------------------------------------------------
     def kv_tensors(self, state: OrtState) -> list[Tensor]:
-        return [torch.from_numpy(a) for a in state.kv]
+        """The valid prefix of every K/V buffer (rows share one length here)."""
+        n = state.lengths[0]
+        return [torch.from_numpy(a[:, :, :kvbuf.valid(self.cfg, j // 2, n)]) for j, a in enumerate(state.kv)]

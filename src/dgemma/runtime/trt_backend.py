@@ -1,0 +1,177 @@
+"""Backend over the two TensorRT engines (engines/<gpu>/<precision>/{encoder,denoiser}.plan) on a CUDA GPU.
+
+Owns `TrtBackend`: checks the engine manifest against this machine before deserializing (GPU compute
+capability, TensorRT flavour and version: an engine built for another GPU or TensorRT is refused with both
+sides named and the make command that rebuilds it), binds torch CUDA tensors by name from dgemma.graphs, and
+keeps the KV state in fixed-capacity torch buffers on the GPU (dgemma.runtime.kvbuf). Uses `tensorrt` where
+importable, `tensorrt_rtx` otherwise (the flavour the engines were built with must match). Knows nothing of
+sampling.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from .. import graphs
+from ..config import ModelConfig
+from ..errors import ArtifactError, ConfigError, RequestError
+from . import kvbuf
+
+_DTYPES = {"int64": torch.int64, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def read_engine_manifest(engine_dir: str | Path) -> dict:
+    path = Path(engine_dir) / "manifest.json"
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ArtifactError(f"{path} not found: no engines in {engine_dir}. Build them with "
+                            "`make engines GPU=<gpu> PRECISION=<precision>`.") from None
+    except json.JSONDecodeError as e:
+        raise ArtifactError(f"{path} is not valid JSON ({e}); rebuild with `make engines`.") from None
+
+
+def check_compatible(manifest: dict, device_sm: int, device_name: str, flavour: str, version: str) -> None:
+    """Refuse engines built for another GPU or another TensorRT, naming both sides and the rebuild command.
+
+    device_sm: compute capability x10 of this GPU; flavour/version: the TensorRT module imported here.
+    """
+    gpu = manifest.get("gpu_profile", {}).get("name", "?")
+    rebuild = f"Rebuild on this machine: `make engines GPU=<this gpu> PRECISION={manifest.get('precision', '?')}`."
+    built = manifest.get("tensorrt", {})
+    if built.get("flavour") != flavour or built.get("version") != version:
+        raise ArtifactError(f"engines were built with {built.get('flavour')} {built.get('version')} (profile {gpu}); "
+                            f"this machine imports {flavour} {version}. Engines are not portable across TensorRT "
+                            f"versions. {rebuild}")
+    sms = [int(s) for s in manifest.get("compute_capabilities", [])]
+    if device_sm not in sms:
+        want = ", ".join(f"SM{s}" for s in sms) or "none recorded"
+        raise ArtifactError(f"engines were built for {want} (profile {gpu}); this GPU is {device_name} (SM{device_sm}). "
+                            f"TensorRT engines only run on the compute capabilities they were built for. {rebuild}")
+
+
+def _import_trt():
+    try:
+        import tensorrt as trt
+
+        return trt, "tensorrt"
+    except ImportError:
+        pass
+    try:
+        import tensorrt_rtx as trt
+
+        return trt, "tensorrt_rtx"
+    except ImportError:
+        raise ConfigError("TrtBackend needs `tensorrt` (NGC container) or `tensorrt_rtx` (pip install -e '.[export]'); "
+                          "neither is importable. Use --backend ort (CPU) or --backend fast (CUDA, torch).") from None
+
+
+@dataclass
+class TrtState:
+    batch: int
+    lengths: list[int] = field(default_factory=list)
+    kv: list[Tensor] = field(default_factory=list)
+
+
+class TrtBackend:
+    def __init__(self, engine_dir: str | Path, max_context: int | None = None, device: int | str = 0):
+        self.engine_dir = Path(engine_dir)
+        m = read_engine_manifest(self.engine_dir)
+        if not torch.cuda.is_available():
+            raise ConfigError(f"TrtBackend runs engines on a CUDA GPU and none is visible (engines: {self.engine_dir}). "
+                              "Use --backend ort for the CPU form.")
+        trt, flavour = _import_trt()
+        self.device = torch.device("cuda", device) if isinstance(device, int) else torch.device(device)
+        major, minor = torch.cuda.get_device_capability(self.device)
+        check_compatible(m, major * 10 + minor, torch.cuda.get_device_name(self.device), flavour, trt.__version__)
+        if "model_config" not in m:
+            raise ArtifactError(f"{self.engine_dir}/manifest.json lacks model_config (built by an older dgemma); "
+                                "rebuild with `make engines`.")
+        self.manifest = m
+        self.precision = m["onnx_precision"]
+        self.cfg = ModelConfig.from_hf_dict(m["model_config"], source=str(self.engine_dir / "manifest.json"))
+        if m.get("contract_sha256") != graphs.contract_hash(self.cfg, self.precision):
+            raise ArtifactError(f"{self.engine_dir}: IO contract {m.get('contract_sha256')} differs from this dgemma's "
+                                f"{graphs.contract_hash(self.cfg, self.precision)}; rebuild with `make onnx` and "
+                                "`make engines`.")
+        self.vocab_size, self.canvas_length = self.cfg.vocab_size, self.cfg.canvas_length
+        self.hidden_size = self.cfg.hidden_size
+        cap_max = m["gpu_profile"]["max_context"]
+        self.max_context = min(max_context or cap_max, cap_max)
+        self._logger = trt.Logger(trt.Logger.WARNING)
+        self._runtime = trt.Runtime(self._logger)
+        self._engines, self._contexts = {}, {}
+        for g in graphs.GRAPHS:
+            path = self.engine_dir / f"{g}.plan"
+            try:
+                engine = self._runtime.deserialize_cuda_engine(path.read_bytes())
+            except FileNotFoundError:
+                raise ArtifactError(f"{path} not found; rebuild with `make engines`.") from None
+            if engine is None:
+                raise ArtifactError(f"{path}: TensorRT ({flavour} {trt.__version__}) cannot deserialize it (corrupt, "
+                                    "or built for another GPU/TensorRT; see the log above). Rebuild with `make engines`.")
+            self._engines[g] = engine
+            self._contexts[g] = engine.create_execution_context()
+        self._stream = torch.cuda.Stream(self.device)
+        self._kv_dtype = _DTYPES[graphs.kv_dtype(self.precision)]
+
+    # -- Backend protocol ---------------------------------------------------------------------------------------
+    def new_state(self, batch: int) -> TrtState:
+        kv = [torch.zeros(s, dtype=self._kv_dtype, device=self.device)
+              for s in kvbuf.shapes(self.cfg, batch, self.max_context)]
+        return TrtState(batch, [0] * batch, kv)
+
+    def length(self, state: TrtState) -> int:
+        return state.lengths[0]
+
+    def _check_room(self, state: TrtState, ids: Tensor) -> None:
+        if ids.shape[0] != state.batch:
+            raise RequestError(f"batch of {ids.shape[0]} rows, but the state was created for {state.batch}.")
+        if max(state.lengths) + ids.shape[1] > self.max_context:
+            raise RequestError(f"context of {max(state.lengths) + ids.shape[1]} tokens exceeds max_context="
+                               f"{self.max_context} (engine profile {self.manifest['gpu_profile']['name']}).")
+
+    def _common(self, state: TrtState, n: int) -> dict[str, Tensor]:
+        lengths = torch.tensor(state.lengths, dtype=torch.int64, device=self.device)
+        pos = lengths[:, None] + torch.arange(n, device=self.device)[None, :]
+        names = [t.name for t in graphs.past(self.cfg, self.precision)]
+        return {"position_ids": pos, graphs.PAST_LENGTH: lengths, **dict(zip(names, state.kv))}
+
+    def _run(self, graph: str, feed: dict[str, Tensor]) -> list[Tensor]:
+        ctx = self._contexts[graph]
+        for t in graphs.inputs(graph, self.cfg, self.precision):
+            x = feed[t.name].to(self.device, _DTYPES[t.dtype]).contiguous()
+            feed[t.name] = x  # keep alive until the stream is done
+            ctx.set_input_shape(t.name, tuple(x.shape))
+            ctx.set_tensor_address(t.name, x.data_ptr())
+        outs = []
+        for t in graphs.outputs(graph, self.cfg, self.precision):
+            y = torch.empty(tuple(ctx.get_tensor_shape(t.name)), dtype=_DTYPES[t.dtype], device=self.device)
+            ctx.set_tensor_address(t.name, y.data_ptr())
+            outs.append(y)
+        self._stream.wait_stream(torch.cuda.current_stream(self.device))
+        if not ctx.execute_async_v3(self._stream.cuda_stream):
+            raise RuntimeError(f"TensorRT {graph} engine failed to execute (see the TensorRT log above).")
+        torch.cuda.current_stream(self.device).wait_stream(self._stream)
+        return outs
+
+    @torch.no_grad()
+    def encode(self, state: TrtState, ids: Tensor) -> None:
+        self._check_room(state, ids)
+        new = self._run(graphs.ENCODER, {"input_ids": ids, **self._common(state, ids.shape[1])})
+        state.lengths = kvbuf.append(self.cfg, state.kv, new, state.lengths)
+
+    @torch.no_grad()
+    def denoise(self, state: TrtState, canvas: Tensor, soft: Tensor | None, temperature: Tensor):
+        self._check_room(state, canvas)
+        b, c = canvas.shape
+        sc = torch.zeros(b, c, self.hidden_size, device=self.device) if soft is None else soft
+        temp = temperature.to(self.device, torch.float32).reshape(-1).expand(b)
+        logits, nxt = self._run(graphs.DENOISER, {"canvas_ids": canvas, "sc_embeds": sc, "temperature": temp,
+                                                  **self._common(state, c)})
+        return logits, nxt

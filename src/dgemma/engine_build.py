@@ -71,8 +71,13 @@ def _parse(trt, logger, path: Path, flavour: str):
 
 
 def build_graph(trt, flavour: str, onnx_path: Path, graph: str, cfg: ModelConfig, gpu: GpuProfile,
-                precision: str, sms: tuple[int, ...], workspace_gib: float | None = None) -> bytes:
-    """One serialized engine for one graph (one optimisation profile covering the GpuProfile's shapes)."""
+                precision: str, sms: tuple[int, ...], workspace_gib: float | None = None,
+                timing_cache: Path | None = None) -> bytes:
+    """One serialized engine for one graph (one optimisation profile covering the GpuProfile's shapes).
+
+    timing_cache (full TensorRT only; TensorRT-RTX compiles kernels just in time on the device and keeps a runtime
+    cache instead, see TrtBackend): read before the build when present, written back after it.
+    """
     logger = trt.Logger(trt.Logger.ERROR)
     builder, network, _parser = _parse(trt, logger, onnx_path, flavour)
     config = builder.create_builder_config()
@@ -86,7 +91,17 @@ def build_graph(trt, flavour: str, onnx_path: Path, graph: str, cfg: ModelConfig
         config.num_compute_capabilities = len(sms)
         for k, sm in enumerate(sms):
             config.set_compute_capability(getattr(trt.ComputeCapability, f"SM{sm}"), k)
+    cache = None
+    if timing_cache is not None and flavour == "tensorrt":
+        old = timing_cache.read_bytes() if timing_cache.exists() else b""
+        cache = config.create_timing_cache(old) or config.create_timing_cache(b"")  # unreadable cache: start anew
+        if not config.set_timing_cache(cache, ignore_mismatch=False):  # recorded on another GPU: start anew
+            config.set_timing_cache(config.create_timing_cache(b""), ignore_mismatch=False)
     plan = builder.build_serialized_network(network, config)
+    if cache is not None and plan is not None:
+        tmp = timing_cache.with_suffix(".tmp")
+        tmp.write_bytes(bytes(config.get_timing_cache().serialize()))
+        tmp.replace(timing_cache)
     if plan is None or plan.nbytes == 0:
         raise ArtifactError(f"TensorRT ({flavour}) failed to build the {graph} engine from {onnx_path} for "
                             f"SM {', '.join(map(str, sms))} (see the log above).")
@@ -131,7 +146,8 @@ def build_engines(gpu: str, precision: str, onnx_root: str | Path = ONNX_ROOT, o
         info = {}
         for g in graphs.GRAPHS:
             t0 = time.perf_counter()
-            plan = build_graph(trt, flavour, onnx_dir / g / "model.onnx", g, cfg, prof, onnx_precision, sms)
+            plan = build_graph(trt, flavour, onnx_dir / g / "model.onnx", g, cfg, prof, onnx_precision, sms,
+                               timing_cache=final.parent / f"{g}.timing.cache")
             (tmp / f"{g}.plan").write_bytes(plan)
             info[g] = {"bytes": len(plan), "seconds": round(time.perf_counter() - t0, 3),
                        "sha256": hashlib.sha256(plan).hexdigest(),

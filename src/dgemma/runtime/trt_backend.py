@@ -116,9 +116,32 @@ class TrtBackend:
                 raise ArtifactError(f"{path}: TensorRT ({flavour} {trt.__version__}) cannot deserialize it (corrupt, "
                                     "or built for another GPU/TensorRT; see the log above). Rebuild with `make engines`.")
             self._engines[g] = engine
-            self._contexts[g] = engine.create_execution_context()
+            self._contexts[g] = self._context(engine, flavour, g)
         self._stream = torch.cuda.Stream(self.device)
         self._kv_dtype = _DTYPES[graphs.kv_dtype(self.precision)]
+
+    def _context(self, engine, flavour: str, graph: str):
+        """Execution context; with TensorRT-RTX, a runtime cache (JIT-compiled kernels) kept beside the engines
+        and whole-graph CUDA graph capture."""
+        if flavour != "tensorrt_rtx":
+            return engine.create_execution_context()
+        trt = _import_trt()[0]
+        rc = engine.create_runtime_config()
+        cache = rc.create_runtime_cache()
+        path = self.engine_dir / f"{graph}.runtime.cache"
+        if path.exists():
+            cache.deserialize(path.read_bytes())
+        rc.set_runtime_cache(cache)
+        rc.cuda_graph_strategy = trt.CudaGraphStrategy.WHOLE_GRAPH_CAPTURE
+        self._caches = getattr(self, "_caches", {}) | {graph: (rc, cache, path)}
+        return engine.create_execution_context(rc)
+
+    def save_runtime_cache(self) -> None:
+        """Persist TensorRT-RTX's JIT runtime cache next to the engines (atomic), so the next load skips JIT."""
+        for _rc, cache, path in getattr(self, "_caches", {}).values():
+            tmp = path.with_suffix(".tmp")
+            tmp.write_bytes(bytes(cache.serialize()))
+            tmp.replace(path)
 
     # -- Backend protocol ---------------------------------------------------------------------------------------
     def new_state(self, batch: int) -> TrtState:

@@ -116,3 +116,30 @@ def test_ar_step_matches_native_encoder_logits():
             nxt = lr.argmax(-1, keepdim=True)
             lf, lr = fast.ar_step(sf, nxt), ref.ar_step(sr, nxt)
             torch.testing.assert_close(lf, lr, rtol=0, atol=2e-5)
+
+
+@pytest.mark.parametrize("t,k,e,a", [(32, 2, 8, 1), (256, 8, 128, 16), (7, 3, 5, 4)])
+def test_counting_dispatch_equals_stable_sort(t, k, e, a):
+    """The MoE dispatch by counting puts each (token, expert) pair where a stable sort by expert would, with
+    every expert group padded to a multiple of `a` rows; combine() inverts it."""
+    from dgemma.runtime.fast import _combine_eager, _dispatch_eager, _scatter_rows_eager
+
+    g = torch.Generator().manual_seed(t + e)
+    idx = torch.stack([torch.randperm(e, generator=g)[:k] for _ in range(t)])
+    dest, offs = _dispatch_eager(idx, e, a)
+    flat = idx.reshape(-1)
+    order = torch.sort(flat, stable=True).indices
+    counts = torch.bincount(flat, minlength=e)
+    padded = (counts + a - 1) // a * a
+    assert torch.equal(offs, torch.cumsum(padded, 0).to(torch.int32))
+    start = torch.cumsum(padded, 0) - padded
+    want = torch.empty_like(dest)
+    for ex in range(e):
+        pairs = order[flat[order] == ex]
+        want[pairs] = start[ex] + torch.arange(len(pairs))
+    assert torch.equal(dest, want)
+    x = torch.randn(t, 6)
+    w = torch.rand(t, k)
+    xs = _scatter_rows_eager(x, dest, k, t * k + e * (a - 1))
+    assert torch.equal(xs[dest].view(t, k, 6), x.unsqueeze(1).expand(t, k, 6))
+    assert torch.allclose(_combine_eager(xs, dest, w, t, k), x * w.sum(1, keepdim=True))

@@ -39,27 +39,31 @@ def _quant_rows_eager(x: Tensor) -> tuple[Tensor, Tensor]:
 _QUANT = {"rows": _quant_rows_eager}
 
 
-def _dispatch_eager(idx: Tensor, e: int, a: int) -> tuple[Tensor, Tensor, Tensor]:
-    """idx [T,k] -> perm (sorted pair -> pair), dest (sorted pair -> padded row), offs int32 [E] (group ends).
-    Token groups are padded to multiples of `a` rows in a buffer of static size T*k + E*(a-1)."""
-    n = idx.numel()
-    expert_ids, perm = torch.sort(idx.reshape(-1))
-    counts = F.one_hot(expert_ids, e).sum(0)
+def _dispatch_eager(idx: Tensor, e: int, a: int) -> tuple[Tensor, Tensor]:
+    """idx [T,k] -> dest (pair -> padded row), offs int32 [E] (group ends), by counting instead of sorting.
+
+    Pair n = t*k + j goes to row start(e_n) + rank_n, rank_n = how many earlier pairs chose the same expert (a
+    cumulative sum over a one-hot [T*k, E]): the order a stable sort gives, without the radix-sort kernels and
+    without the inverse permutation (the H100 profile had 1.75 ms/step of sorts). Token groups are padded to
+    multiples of `a` rows in a buffer of static size T*k + E*(a-1).
+    """
+    flat = idx.reshape(-1)
+    onehot = F.one_hot(flat, e)
+    counts = onehot.sum(0)
+    rank = (onehot.cumsum(0) * onehot).sum(1) - 1
     padded = (counts + a - 1) // a * a
     pend = torch.cumsum(padded, 0)
-    rank = torch.arange(n, device=idx.device) - (torch.cumsum(counts, 0) - counts)[expert_ids]
-    return perm, (pend - padded)[expert_ids] + rank, pend.to(torch.int32)
+    return (pend - padded)[flat] + rank, pend.to(torch.int32)
 
 
-def _scatter_rows_eager(x: Tensor, perm: Tensor, dest: Tensor, k: int, rows: int) -> Tensor:
+def _scatter_rows_eager(x: Tensor, dest: Tensor, k: int, rows: int) -> Tensor:
     xs = x.new_zeros(rows, x.shape[-1])
-    xs[dest] = x[perm // k]
+    xs[dest] = x.unsqueeze(1).expand(-1, k, -1).reshape(-1, x.shape[-1])
     return xs
 
 
-def _combine_eager(y: Tensor, dest: Tensor, weights: Tensor, perm: Tensor, t: int, k: int) -> Tensor:
-    y = y[dest] * weights.reshape(-1)[perm].unsqueeze(-1)
-    return y[torch.argsort(perm)].view(t, k, -1).sum(dim=1)
+def _combine_eager(y: Tensor, dest: Tensor, weights: Tensor, t: int, k: int) -> Tensor:
+    return (y[dest] * weights.reshape(-1).unsqueeze(-1)).view(t, k, -1).sum(dim=1)
 
 
 _MOE = {"dispatch": _dispatch_eager, "scatter": _scatter_rows_eager, "combine": _combine_eager}
@@ -180,12 +184,12 @@ class Fp8Experts(nn.Module):
     def forward(self, x: Tensor, weights: Tensor, idx: Tensor) -> Tensor:
         t, k = idx.shape
         e, a = self.num_experts, self.ALIGN
-        perm, dest, offs = _MOE["dispatch"](idx, e, a)
+        dest, offs = _MOE["dispatch"](idx, e, a)
         # static upper bound on padded rows: no shape depends on the routing
-        xs = _MOE["scatter"](x, perm, dest, k, t * k + e * (a - 1))
+        xs = _MOE["scatter"](x, dest, k, t * k + e * (a - 1))
         gate, up = self._mm(xs, "gate_up_proj", offs).chunk(2, dim=-1)
         y = self._mm(OPS.gelu_mul(gate, up), "down_proj", offs)
-        return _MOE["combine"](y, dest, weights, perm, t, k).to(x.dtype)
+        return _MOE["combine"](y, dest, weights, t, k).to(x.dtype)
 
 
 @torch.no_grad()

@@ -1,5 +1,8 @@
 """A real tritonserver (Triton 2.51 from the nvidia-pytriton wheel) for the session: the repository rendered for
-GPU=cpu with the embedded tiny model, loopback free ports, readiness within 60 s, stopped by PID at the end."""
+GPU=cpu with the embedded tiny model, loopback free ports, readiness within 60 s, stopped by PID at the end.
+
+The encoder/denoiser models (and `dgemma generate --backend ort`, the reference) read build/onnx/fp32/: exported
+here once when missing or stale (~40 s on 2 cores), kept between runs like `make onnx` output."""
 
 from __future__ import annotations
 
@@ -14,18 +17,50 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.triton)
 
 
+def ensure_onnx_fp32():
+    """build/onnx/fp32 for the embedded tiny model, re-exported when the manifest does not match it."""
+    from dgemma import graphs
+    from dgemma.cli import main
+    from dgemma.export import DEFAULT_OUT, checkpoint_fingerprint, read_manifest
+    from dgemma.tiny import ensure_tiny
+
+    ck, out = ensure_tiny(), DEFAULT_OUT / "fp32"
+    try:
+        from dgemma.checkpoint import load_config
+
+        m = read_manifest(out)
+        fresh = (m.get("checkpoint_sha256") == checkpoint_fingerprint(ck)
+                 and m.get("contract_sha256") == graphs.contract_hash(load_config(ck)[0], "fp32"))
+    except DgemmaError:
+        fresh = False
+    if not fresh:
+        assert main(["export", "--precision", "fp32", "--checkpoint", str(ck)]) == 0
+    return out
+
+
 @pytest.fixture(scope="session")
-def triton(tmp_path_factory):
-    pytest.importorskip("tritonclient.grpc", reason="install the serving extra: pip install -e '.[serve]'")
-    from dgemma.serving.render import render
+def onnx_fp32():
+    return ensure_onnx_fp32()
+
+
+def start_server(root):
     from dgemma.serving.server import Server
 
-    root = render("cpu", "bf16", out=tmp_path_factory.mktemp("triton") / "cpu" / "bf16", threads=1)
     srv = Server(root)
     try:
-        srv.start(timeout_s=60)
+        srv.start(timeout_s=90)
     except DgemmaError as e:
         pytest.fail(f"tritonserver did not start: {e}")
+    return srv
+
+
+@pytest.fixture(scope="session")
+def triton(tmp_path_factory, onnx_fp32):
+    """The default rendering (canvas_loop's default backend for GPU=cpu)."""
+    pytest.importorskip("tritonclient.grpc", reason="install the serving extra: pip install -e '.[serve]'")
+    from dgemma.serving.render import render
+
+    srv = start_server(render("cpu", "bf16", out=tmp_path_factory.mktemp("triton") / "cpu" / "bf16", threads=1))
     yield srv
     srv.stop()
     assert srv.proc.poll() is not None, f"tritonserver pid {srv.proc.pid} still running"

@@ -99,10 +99,10 @@ def test_render_every_profile(tmp_path, gpu):
 
 
 def test_render_missing_key_is_an_error(tmp_path):
-    from dgemma.serving.render import MODELS, TEMPLATES, render
+    from dgemma.serving.render import TEMPLATE_DIRS, TEMPLATES, render
 
     tdir = tmp_path / "tmpl"
-    for m in MODELS:
+    for m in TEMPLATE_DIRS:
         (tdir / m / "1").mkdir(parents=True)
         (tdir / m / "config.pbtxt.tmpl").write_text((TEMPLATES / m / "config.pbtxt.tmpl").read_text())
     (tdir / "canvas_loop" / "config.pbtxt.tmpl").write_text('name: "canvas_loop"\n${no_such_key}\n')
@@ -115,3 +115,73 @@ def test_model_py_has_no_sampling_arithmetic():
 
     src = (TEMPLATES / "canvas_loop" / "1" / "model.py").read_text()
     assert "import torch" not in src and "multinomial" not in src and "dgemma.serving.canvas_loop" in src
+
+
+def _io_names(text: str, block: str) -> list[str]:
+    body = text.split(f"\n{block} [\n", 1)[1].split("\n]\n", 1)[0]
+    return re.findall(r'name: "([^"]+)"', body)
+
+
+@pytest.mark.parametrize("gpu", sorted(PROFILES))
+def test_render_graph_models_from_graphs_contract(tmp_path, gpu):
+    """encoder/denoiser configs list exactly dgemma.graphs' tensors (names, dtypes, dims without batch), batch up to
+    GpuProfile.max_batch with dynamic batching; engine auto picks ONNX Runtime on CPU and the torch python variant on
+    GPUs here (this Triton build has no tensorrt backend)."""
+    from dgemma import graphs
+    from dgemma.checkpoint import load_config
+    from dgemma.serving.graph_models import TRITON_DTYPES
+    from dgemma.serving.render import render
+
+    prof = PROFILES[gpu]
+    p = prof.precisions[0].value
+    root = render(gpu, p, out=tmp_path, backends=False)
+    cfg = load_config(DEFAULT_CHECKPOINT)[0]
+    for g in graphs.GRAPHS:
+        text = (root / "models" / g / "config.pbtxt").read_text()
+        assert 'backend: "python"' in text and f"max_batch_size: {prof.max_batch}\n" in text
+        assert "dynamic_batching {" in text
+        assert f'key: "runtime" value: {{ string_value: "{"onnxruntime" if prof.sm == 0 else "torch"}" }}' in text
+        gp = "fp32" if prof.sm == 0 else p
+        ins, outs = graphs.inputs(g, cfg, gp), graphs.outputs(g, cfg, gp)
+        assert _io_names(text, "input") == [t.name for t in ins]
+        assert _io_names(text, "output") == [t.name for t in outs]
+        for t in ins + outs:
+            dims = [d if isinstance(d, int) else -1 for d in t.dims[1:]] or [1]
+            row = f'{{ name: "{t.name}" data_type: {TRITON_DTYPES[t.dtype]} dims: [ {", ".join(map(str, dims))} ]'
+            assert row in text
+            assert (len(t.dims) == 1) == (f'{{ name: "{t.name}" data_type: {TRITON_DTYPES[t.dtype]} dims: [ 1 ] '
+                                           "reshape: { shape: [ ] } }" in text)
+        py = (root / "models" / g / "1" / "model.py").read_text()
+        assert py.startswith("# rendered by `dgemma repo`") and "sys.path.insert(0, " in py.splitlines()[1]
+
+
+@pytest.mark.parametrize("gpu, precision", [("h100", "fp8"), ("b200", "nvfp4"), ("h200", "bf16")])
+def test_render_tensorrt_plan_variant(tmp_path, gpu, precision):
+    """Where Triton has the tensorrt backend (an NGC build; not this one): platform tensorrt_plan over
+    engines/<gpu>/<precision>/<graph>.plan, bf16 tensors, no model.py (render only: nothing here can run it)."""
+    from dgemma import graphs
+    from dgemma.serving.render import ROOT, render
+
+    root = render(gpu, precision, out=tmp_path, engine="tensorrt", backends=False)
+    for g in graphs.GRAPHS:
+        d = root / "models" / g
+        text = (d / "config.pbtxt").read_text()
+        assert 'platform: "tensorrt_plan"' in text and 'backend: "python"' not in text
+        assert 'default_model_filename: "model.plan"' in text and "kind: KIND_GPU" in text
+        assert f"max_batch_size: {PROFILES[gpu].max_batch}\n" in text and "dynamic_batching {" in text
+        assert f'name: "{graphs.past_key(0)}" data_type: TYPE_BF16' in text
+        assert (d / "1" / "model.plan").is_symlink()
+        assert (d / "1" / "model.plan").readlink() == ROOT / "engines" / gpu / precision / f"{g}.plan"
+        assert not (d / "1" / "model.py").exists()
+    loop = (root / "models" / "canvas_loop" / "config.pbtxt").read_text()
+    assert 'key: "backend" value: { string_value: "bls" }' in loop  # GPUs drive the graph models through BLS
+
+
+def test_render_rejects_unknown_engine_and_backend(tmp_path):
+    from dgemma.errors import ConfigError
+    from dgemma.serving.render import render
+
+    with pytest.raises(ConfigError, match=r"unknown engine 'tvm' for the encoder/denoiser models; valid: auto"):
+        render("cpu", "bf16", out=tmp_path, engine="tvm", backends=False)
+    with pytest.raises(ConfigError, match=r"unknown canvas_loop backend 'trt'; valid: ort, torch, bls"):
+        render("cpu", "bf16", out=tmp_path, backend="trt", backends=False)

@@ -32,7 +32,8 @@ class OrtState:
 
 class OrtBackend:
     def __init__(self, onnx_dir: str | Path, checkpoint: str | Path | None = None, max_context: int | None = None,
-                 cfg: ModelConfig | None = None, threads: int | None = None, verify: bool = True):
+                 cfg: ModelConfig | None = None, threads: int | None = None, verify: bool = True,
+                 graphs_to_load: tuple[str, ...] = graphs.GRAPHS):
         import onnxruntime as ort
 
         from ..export import checkpoint_fingerprint, read_manifest, verify_files
@@ -64,7 +65,7 @@ class OrtBackend:
         if threads:
             so.intra_op_num_threads = threads
         self.sessions = {}
-        for g in graphs.GRAPHS:
+        for g in graphs_to_load:  # Triton's `encoder`/`denoiser` models each load their own graph
             path = self.onnx_dir / g / "model.onnx"
             try:
                 self.sessions[g] = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])

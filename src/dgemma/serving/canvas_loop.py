@@ -4,19 +4,26 @@
 config.pbtxt parameters by render.py). `parse_request` turns the ensemble's LLM-shaped inputs (numpy arrays by
 name) into a validated `Request` or raises `RequestError` naming the value, the limit and where it comes from.
 `run` drives `dgemma.sampler.generate` for one request and hands each response (a dict of numpy arrays) to
-`send`. Imports torch only inside `run`, so preprocess/postprocess stay light.
+`send`; `serve` wraps it for canvas_loop's per-request threads: a slot (`Slots`, GpuProfile.max_batch canvases
+in flight, FIFO queue beyond), the outcome and the custom metrics (`METRICS`, reported through `Recorder`).
+Imports torch only inside `run`, so preprocess/postprocess stay light.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import threading
+import time
 from dataclasses import asdict, dataclass
 from typing import Any, Callable
 
 import numpy as np
 
-from ..errors import RequestError
+from ..errors import Cancelled, RequestError
+
+# how canvas_loop computes: in-process ONNX Runtime / torch, or BLS requests to the encoder/denoiser models
+BACKENDS = ("ort", "torch", "bls")
 
 # ensemble inputs (name -> (Triton dtype, optional)); config templates and the client use these names
 INPUTS = {
@@ -157,9 +164,11 @@ def response(new_ids, canvas_index: int, canvases: int, steps: list[int], tokens
 
 
 def run(backend, sampler, tokenizer, req: Request, send: Callable[[dict], None],
-        should_stop: Callable[[], bool] | None = None) -> None:
+        should_stop: Callable[[], bool] | None = None,
+        on_commit: Callable[[int, int], None] | None = None) -> None:
     """Generate for one request; stream=True sends one response per committed canvas (only its tokens),
-    otherwise exactly one response with all new tokens. Raises Cancelled when should_stop() turns true."""
+    otherwise exactly one response with all new tokens. on_commit(canvas index, steps it took) after every
+    commit. Raises Cancelled when should_stop() turns true (polled before every denoising step)."""
     import torch
 
     from ..cli import infill_template
@@ -178,11 +187,14 @@ def run(backend, sampler, tokenizer, req: Request, send: Callable[[dict], None],
         steps[ev.canvas] = ev.step
 
     def on_canvas(i, committed):
-        send(response(committed[0].tolist(), i, i + 1, list(steps), 0.0))
+        if on_commit is not None:
+            on_commit(i, steps[i])
+        if req.stream:
+            send(response(committed[0].tolist(), i, i + 1, list(steps), 0.0))
 
     prompt = torch.tensor([req.input_ids], dtype=torch.int64, device=backend.device)
     res = generate(backend, prompt, cfg, torch.Generator(device=backend.device).manual_seed(req.seed),
-                   on_step=on_step, should_stop=should_stop, on_canvas=on_canvas if req.stream else None,
+                   on_step=on_step, should_stop=should_stop, on_canvas=on_canvas,
                    template=None if template is None else template.to(backend.device))
     tpf = float(res.tokens_per_forward[0])
     if req.stream:  # a last empty response carries the final statistics
@@ -202,6 +214,14 @@ def model_parameters(args: dict) -> dict[str, str]:
     if params.get("dgemma_version") != __version__:
         raise ArtifactError(f"model {cfg.get('name')!r} was rendered for dgemma {params.get('dgemma_version')!r}; "
                             f"the server's environment has {__version__}. Re-render: make repo.")
+    from pathlib import Path
+
+    import dgemma
+
+    here = Path(dgemma.__file__).resolve().parents[1]
+    if params.get("dgemma_src") and Path(params["dgemma_src"]).resolve() != here:
+        raise ArtifactError(f"model {cfg.get('name')!r} was rendered from the dgemma in {params['dgemma_src']}, but "
+                            f"the stub imported {here} (model.py's sys.path header missing?). Re-render: make repo.")
     return params
 
 
@@ -219,12 +239,150 @@ def build_engine(params: dict[str, str]):
     limits = Limits.from_parameters(params)
     ck_dir = Path(params["checkpoint"])
     ck = load_checkpoint(ck_dir)
-    if params.get("backend", "torch") == "ort":
+    name = params.get("backend", "torch")
+    threads = int(params["threads"]) if params.get("threads") else None
+    if name == "ort":
         from ..runtime.ort_backend import OrtBackend
 
-        backend = OrtBackend(params["onnx_dir"], checkpoint=ck_dir, max_context=limits.max_context, cfg=ck.config)
+        backend = OrtBackend(params["onnx_dir"], checkpoint=ck_dir, max_context=limits.max_context, cfg=ck.config,
+                             threads=threads)
+    elif name == "bls":
+        from ..runtime.bls_backend import BlsBackend
+
+        backend = BlsBackend(ck.config, params["graph_precision"], max_context=limits.max_context)
     else:
         from ..runtime.torch_backend import TorchBackend
 
         backend = TorchBackend(ck.model, max_context=limits.max_context)
     return backend, ck.sampler, Tokenizer(ck_dir)
+
+
+# -- canvas_loop's threads: slots, outcome, metrics --------------------------------------------------------------
+class Busy(RequestError):
+    """Every slot is taken and the queue is full."""
+
+
+class Slots:
+    """At most `size` requests generate at once (GpuProfile.max_batch: the canvases the graphs' batch holds);
+    up to `max_queued` more wait in arrival order; beyond that a request is refused with Busy. A finished,
+    failed or cancelled request frees its slot at once (`release` in a finally)."""
+
+    def __init__(self, size: int, max_queued: int):
+        self.size, self.max_queued = size, max_queued
+        self.in_use = 0
+        self._waiting: list[object] = []
+        self._cv = threading.Condition()
+
+    @property
+    def queued(self) -> int:
+        return len(self._waiting)
+
+    def acquire(self, should_stop: Callable[[], bool] | None = None, poll_s: float = 0.05) -> None:
+        with self._cv:
+            if self.in_use < self.size and not self._waiting:
+                self.in_use += 1
+                return
+            if len(self._waiting) >= self.max_queued:
+                raise Busy(f"canvas_loop is full: {self.in_use} requests generating (max_batch={self.size}, "
+                           f"GpuProfile.max_batch) and {len(self._waiting)} queued (max {self.max_queued}); "
+                           "retry later.")
+            me = object()
+            self._waiting.append(me)
+            try:
+                while not (self.in_use < self.size and self._waiting[0] is me):
+                    if should_stop is not None and should_stop():
+                        raise Cancelled("cancelled while queued for a slot")
+                    self._cv.wait(poll_s)
+                self.in_use += 1
+            finally:
+                self._waiting.remove(me)
+                self._cv.notify_all()
+
+    def release(self) -> None:
+        with self._cv:
+            self.in_use -= 1
+            self._cv.notify_all()
+
+
+# custom metrics canvas_loop reports on Triton's metrics endpoint: name -> (kind, description, buckets)
+METRICS = {
+    "dgemma_steps_per_canvas": ("histogram", "Denoising steps per committed canvas",
+                                (1, 2, 3, 4, 5, 6, 8, 12, 16, 24, 32, 48)),
+    "dgemma_canvases_per_request": ("histogram", "Canvases committed per request (cancelled requests included)",
+                                    (1, 2, 3, 4, 6, 8, 16, 32, 64, 128)),
+    "dgemma_requests_total": ("counter", "Requests canvas_loop finished, by outcome (ok, cancelled, error, busy)",
+                              None),
+    "dgemma_requests_active": ("gauge", "Requests generating now (slots in use)", None),
+    "dgemma_requests_queued": ("gauge", "Requests waiting for a slot", None),
+}
+OUTCOMES = ("ok", "cancelled", "error", "busy")
+
+
+class Recorder:
+    """Updates METRICS through `make(name, labels)` -> an object with observe/increment/set (pb_utils.Metric in
+    canvas_loop; anything alike in tests). Thread-safe."""
+
+    def __init__(self, make: Callable[[str, dict], Any] | None):
+        self._lock = threading.Lock()
+        self._m: dict[tuple, Any] = {}
+        self._make = make
+
+    def _get(self, name: str, **labels):
+        key = (name, tuple(sorted(labels.items())))
+        if key not in self._m:
+            self._m[key] = self._make(name, labels)
+        return self._m[key]
+
+    def canvas(self, steps: int) -> None:
+        if self._make:
+            with self._lock:
+                self._get("dgemma_steps_per_canvas").observe(float(steps))
+
+    def finished(self, canvases: int | None, outcome: str, slots: Slots) -> None:
+        if self._make:
+            with self._lock:
+                if canvases is not None:
+                    self._get("dgemma_canvases_per_request").observe(float(canvases))
+                self._get("dgemma_requests_total", outcome=outcome).increment(1)
+                self.occupancy(slots)
+
+    def occupancy(self, slots: Slots) -> None:
+        if self._make:
+            self._get("dgemma_requests_active").set(float(slots.in_use))
+            self._get("dgemma_requests_queued").set(float(slots.queued))
+
+
+def serve(engine, req: Request, send: Callable[[dict], None], should_stop: Callable[[], bool], slots: Slots,
+          recorder: Recorder, log: Callable[[str], None] = lambda s: None) -> str:
+    """One request on canvas_loop's per-request thread: wait for a slot, generate, free the slot, record.
+    -> outcome ("ok", "cancelled"); DgemmaErrors (bad request, Busy) and bugs propagate after recording."""
+    backend, sampler, tok = engine
+    committed = 0
+    outcome = "error"
+
+    def on_commit(i, steps):
+        nonlocal committed
+        committed = i + 1
+        recorder.canvas(steps)
+
+    t0 = time.perf_counter()
+    try:
+        slots.acquire(should_stop)
+    except Busy:
+        recorder.finished(None, "busy", slots)
+        raise
+    except Cancelled:
+        recorder.finished(0, "cancelled", slots)
+        return "cancelled"
+    recorder.occupancy(slots)
+    try:
+        run(backend, sampler, tok, req, send, should_stop, on_commit)
+        outcome = "ok"
+    except Cancelled as e:
+        outcome = "cancelled"
+        log(f"canvas_loop: {e} after {committed} committed canvas(es), {time.perf_counter() - t0:.3f} s; "
+            "slot freed")
+    finally:
+        slots.release()
+        recorder.finished(committed, outcome, slots)
+    return outcome

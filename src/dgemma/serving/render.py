@@ -1,10 +1,17 @@
 """Render triton_repo/ (committed templates) into build/triton/<gpu>/<precision>/.
 
 Layout of the output: `models/` (the Triton model repository: config.pbtxt from each config.pbtxt.tmpl via
-string.Template.substitute, model.py copied) and `backends/python/` (the python backend + the stub for this
-interpreter, copied from the nvidia-pytriton wheel, toolchain.md §3.1). Values come from the GpuProfile and the
-checkpoint; IO blocks of the ensemble and preprocess are generated from dgemma.serving.canvas_loop.INPUTS.
-The stub finds the venv through PATH (server.py puts the venv's bin first, toolchain.md §3.2).
+string.Template.substitute, model.py copied under a two-line header that puts this dgemma's source directory first
+on sys.path) and `backends/python/` (the python backend + the stub for this interpreter, copied from the
+nvidia-pytriton wheel, toolchain.md §3.1). Values come from the GpuProfile and the checkpoint; IO blocks come from
+dgemma.serving.canvas_loop.INPUTS (ensemble, preprocess) and dgemma.graphs (encoder, denoiser).
+
+Models: the ensemble `dgemma` = preprocess -> canvas_loop (decoupled) -> postprocess, and the graphs `encoder` and
+`denoiser` (template graph_python: ONNX Runtime on CPU or torch; graph_tensorrt: `platform: "tensorrt_plan"` over
+engines/<gpu>/<precision>/<graph>.plan where the Triton build has the tensorrt backend). canvas_loop runs the
+sampler in-process (`backend` ort | torch) or through BLS calls to `encoder`/`denoiser` (`backend` bls).
+The stub finds the venv through PATH (server.py puts the venv's bin first, toolchain.md §3.2); PYTHONPATH is
+ignored by the stub, hence the sys.path header.
 """
 
 from __future__ import annotations
@@ -15,14 +22,25 @@ import sys
 import sysconfig
 from pathlib import Path
 
-from .. import __version__
-from ..errors import ArtifactError
-from .canvas_loop import INPUTS
+import dgemma
+
+from .. import __version__, graphs
+from ..errors import ArtifactError, ConfigError
+from .canvas_loop import BACKENDS, INPUTS
+from .graph_models import check_graph_artifacts, io_block
 
 ROOT = Path(__file__).resolve().parents[3]
 TEMPLATES = ROOT / "triton_repo"
 BUILD = ROOT / "build" / "triton"
-MODELS = ("preprocess", "canvas_loop", "postprocess", "dgemma")
+SRC = Path(dgemma.__file__).resolve().parents[1]  # the directory the stub must import dgemma from
+MODELS = ("preprocess", "canvas_loop", "postprocess", "dgemma", graphs.ENCODER, graphs.DENOISER)
+ENGINES = ("auto", "onnxruntime", "torch", "tensorrt")  # what computes the encoder/denoiser models
+GRAPH_TEMPLATE = {"onnxruntime": "graph_python", "torch": "graph_python", "tensorrt": "graph_tensorrt"}
+TEMPLATE_DIRS = (*MODELS[:4], "graph_python", "graph_tensorrt")  # under triton_repo/
+CPU_BACKEND = "ort"  # canvas_loop default on GPU=cpu: measured faster than bls on the tiny model (README, serving)
+QUEUE_DELAY_US = 0  # dynamic batcher: batch only what is already queued (measured best on the tiny model)
+MODEL_PY_HEADER = ("# rendered by `dgemma repo`: import dgemma from the source tree that rendered this repository\n"
+                   "import sys; sys.path.insert(0, {src!r})  # noqa: E401,E702\n")
 
 
 def wheel_dir() -> Path:
@@ -32,6 +50,35 @@ def wheel_dir() -> Path:
         raise ArtifactError(f"{d}/bin/tritonserver not found: install the serving extra "
                             "(pip install -e '.[serve]', i.e. nvidia-pytriton==0.7.0).")
     return d
+
+
+def triton_backend_dirs() -> dict[str, Path]:
+    """Backends the Triton build in reach has ({name: dir}): the wheel's (python only), then an NGC-style
+    /opt/tritonserver/backends (tensorrt, onnxruntime, ...)."""
+    found: dict[str, Path] = {}
+    roots = [Path("/opt/tritonserver/backends")]
+    try:
+        roots.insert(0, wheel_dir() / "backends")
+    except ArtifactError:
+        pass
+    for root in roots:
+        if root.is_dir():
+            for d in sorted(root.iterdir()):
+                if d.is_dir():
+                    found.setdefault(d.name, d)
+    return found
+
+
+def pick_engine(engine: str, gpu) -> str:
+    """`auto`: tensorrt_plan where the profile uses full TensorRT and the Triton build has its backend; ONNX
+    Runtime on the CPU profile; otherwise the torch python variant (e.g. TensorRT-RTX GPUs, no Triton backend)."""
+    if engine not in ENGINES:
+        raise ConfigError(f"unknown engine {engine!r} for the encoder/denoiser models; valid: {', '.join(ENGINES)}.")
+    if engine != "auto":
+        return engine
+    if gpu.trt == "tensorrt" and "tensorrt" in triton_backend_dirs():
+        return "tensorrt"
+    return "onnxruntime" if gpu.sm == 0 else "torch"
 
 
 def _io_blocks() -> dict[str, str]:
@@ -49,43 +96,76 @@ def _parameters(values: dict[str, object]) -> str:
 
 
 def render(gpu: str = "cpu", precision: str = "bf16", checkpoint: str | Path | None = None,
-           out: str | Path | None = None, backend: str = "torch", threads: int | None = None,
-           canvas_loop_instances: int = 1, templates: Path = TEMPLATES, backends: bool = True) -> Path:
-    """Write the model repository and backend directory; returns the output root (…/<gpu>/<precision>)."""
+           out: str | Path | None = None, backend: str | None = None, threads: int | None = 1,
+           canvas_loop_instances: int = 1, templates: Path = TEMPLATES, backends: bool = True,
+           engine: str = "auto", onnx_precision: str | None = None, max_batch: int | None = None,
+           queue_delay_us: int = QUEUE_DELAY_US) -> Path:
+    """Write the model repository and backend directory; returns the output root (…/<gpu>/<precision>).
+
+    backend: how canvas_loop computes (ort | torch in-process, bls through the encoder/denoiser models; default
+    CPU_BACKEND on GPU=cpu, bls on GPUs).
+    engine: what computes the encoder/denoiser models (auto, onnxruntime, torch, tensorrt).
+    onnx_precision: which build/onnx/<p>/ the ONNX Runtime models read (default fp32 on the CPU profile, which
+    ORT's CPU provider runs, else the target precision). max_batch: override GpuProfile.max_batch (canvases in
+    flight = canvas_loop slots = the graphs' max_batch_size)."""
     from ..checkpoint import load_config
     from ..profiles import resolve
     from ..tiny import ensure_tiny
 
     target = resolve(gpu, precision)
+    backend = backend or (CPU_BACKEND if target.gpu.sm == 0 else "bls")
+    if backend not in BACKENDS:
+        raise ConfigError(f"unknown canvas_loop backend {backend!r}; valid: {', '.join(BACKENDS)}.")
+    engine = pick_engine(engine, target.gpu)
     ck = Path(checkpoint).resolve() if checkpoint else ensure_tiny()
     if not (ck / "config.json").exists():
         raise ArtifactError(f"{ck}/config.json not found: --checkpoint must be a DiffusionGemma checkpoint dir.")
     mcfg, scfg = load_config(ck)
+    onnx_precision = onnx_precision or ("fp32" if target.gpu.sm == 0 else target.precision.value)
+    graph_precision = {"onnxruntime": onnx_precision, "torch": target.precision.value,
+                       "tensorrt": target.precision.value}[engine]
+    batch = max_batch or target.gpu.max_batch
+    if batch < 1:
+        raise ConfigError(f"max_batch must be >= 1 (got {batch}).")
+    onnx_dir = ROOT / "build" / "onnx" / onnx_precision
     root = Path(out) if out else BUILD / target.gpu.name / target.precision.value
     params = {
-        "dgemma_version": __version__, "target": target.key, "checkpoint": ck,
+        "dgemma_version": __version__, "dgemma_src": SRC, "target": target.key, "checkpoint": ck,
         "max_prompt": target.gpu.max_prompt, "max_context": target.gpu.max_context,
         "canvas_length": mcfg.canvas_length, "max_denoising_steps": scfg.max_denoising_steps,
         "default_max_tokens": scfg.max_new_tokens, "default_entropy_bound": scfg.entropy_bound,
-        "backend": backend, "onnx_dir": ROOT / "build" / "onnx" / target.precision.value,
-        "threads": threads or "",
+        "backend": backend, "onnx_dir": onnx_dir, "threads": threads or "", "max_batch": batch,
+        "max_queued": 8 * batch, "engine": engine, "graph_precision": graph_precision,
     }
-    values = {"target": target.key, "parameters": _parameters(params),
-              "canvas_loop_instances": canvas_loop_instances, **_io_blocks()}
+    common = {"target": target.key, "max_batch": batch, "queue_delay_us": queue_delay_us}
+    values = {name: {**common, "parameters": _parameters(params), "canvas_loop_instances": canvas_loop_instances,
+                     **_io_blocks()} for name in MODELS[:4]}
+    for g in graphs.GRAPHS:
+        gp = {**params, "graph": g, "runtime": engine}
+        values[g] = {**common, "name": g, "graph": g, "runtime": engine, "parameters": _parameters(gp),
+                     "inputs": io_block(graphs.inputs(g, mcfg, graph_precision)),
+                     "outputs": io_block(graphs.outputs(g, mcfg, graph_precision)),
+                     "instance_kind": "KIND_CPU" if target.gpu.sm == 0 or engine == "onnxruntime" else "KIND_GPU"}
     models = root / "models"
     if models.exists():
         shutil.rmtree(models)
     for name in MODELS:
-        src = templates / name
+        src = templates / (GRAPH_TEMPLATE[engine] if name in graphs.GRAPHS else name)
         tmpl = (src / "config.pbtxt.tmpl").read_text()
-        text = string.Template(tmpl).substitute(values)  # a missing key raises KeyError
+        text = string.Template(tmpl).substitute(values[name])  # a missing key raises KeyError
         assert "${" not in text, f"{src}/config.pbtxt.tmpl: unrendered placeholder left"
         (models / name / "1").mkdir(parents=True)
         (models / name / "config.pbtxt").write_text(text)
         if (src / "1" / "model.py").exists():
-            shutil.copy2(src / "1" / "model.py", models / name / "1" / "model.py")
+            (models / name / "1" / "model.py").write_text(MODEL_PY_HEADER.format(src=str(SRC))
+                                                          + (src / "1" / "model.py").read_text())
+        if name in graphs.GRAPHS and engine == "tensorrt":
+            (models / name / "1" / "model.plan").symlink_to(ROOT / "engines" / target.gpu.name /
+                                                           target.precision.value / f"{name}.plan")
     if not backends:
         return root
+    if engine == "onnxruntime":
+        check_graph_artifacts(onnx_dir)
     wd = wheel_dir()
     bk = root / "backends" / "python"
     bk.mkdir(parents=True, exist_ok=True)
@@ -97,12 +177,21 @@ def render(gpu: str = "cpu", precision: str = "bf16", checkpoint: str | Path | N
     if not stub.exists():
         raise ArtifactError(f"{stub} not found: nvidia-pytriton 0.7.0 ships stubs for Python 3.8..3.13 only.")
     shutil.copy2(stub, bk / stub.name)
+    if engine == "tensorrt":
+        trt = triton_backend_dirs().get("tensorrt")
+        if trt is None:
+            raise ArtifactError("engine 'tensorrt' needs Triton's tensorrt backend (an NGC tritonserver build); "
+                                "this one has only " + ", ".join(triton_backend_dirs()) + ". Use --engine torch.")
+        link = root / "backends" / "tensorrt"
+        if not link.exists():
+            link.symlink_to(trt)
     return root
 
 
 def cmd_repo(args) -> int:
-    root = render(args.gpu, args.precision, args.checkpoint, args.out, backend=args.backend)
-    print(f"wrote {root}/models ({', '.join(MODELS)}) and {root}/backends/python")
+    root = render(args.gpu, args.precision, args.checkpoint, args.out, backend=args.backend, engine=args.engine,
+                  max_batch=args.max_batch, backends=not args.config_only)
+    print(f"wrote {root}/models ({', '.join(MODELS)})" + ("" if args.config_only else f" and {root}/backends"))
     return 0
 
 
@@ -111,7 +200,18 @@ def add_parsers(sub) -> None:
     r.add_argument("--gpu", default="cpu")
     r.add_argument("--precision", default="bf16")
     r.add_argument("--checkpoint", help="checkpoint dir (default: the embedded trained tiny model)")
-    r.add_argument("--backend", default="torch", choices=["torch", "ort"],
-                   help="canvas_loop's in-process backend (ort reads build/onnx/<precision>)")
+    add_render_args(r)
     r.add_argument("--out", help="output root (default build/triton/<gpu>/<precision>)")
+    r.add_argument("--config-only", action="store_true", help="models/ only: no backend copy, no artifact checks")
     r.set_defaults(func=cmd_repo)
+
+
+def add_render_args(p) -> None:
+    """Flags shared by `dgemma repo` and `dgemma serve`."""
+    p.add_argument("--backend", choices=BACKENDS,
+                   help=f"how canvas_loop computes: ort/torch in-process, bls through the encoder/denoiser models "
+                        f"(default: {CPU_BACKEND} on GPU=cpu, bls on GPUs)")
+    p.add_argument("--engine", default="auto", choices=ENGINES,
+                   help="what computes the encoder/denoiser models (auto: tensorrt_plan where Triton has the "
+                        "tensorrt backend, onnxruntime on GPU=cpu, else torch)")
+    p.add_argument("--max-batch", type=int, help="canvases in flight (default GpuProfile.max_batch)")

@@ -1,9 +1,12 @@
 """Start and stop the real tritonserver (Triton 2.51 from the nvidia-pytriton wheel, or `tritonserver` on PATH)
 on 127.0.0.1 and free ports, with the environment toolchain.md §3.1/§3.2 needs: the venv's bin first on PATH (the
-python backend stub derives sys.prefix from it) and LD_LIBRARY_PATH = nvidia_pytriton.libs + Python's LIBDIR."""
+python backend stub derives sys.prefix from it) and LD_LIBRARY_PATH = nvidia_pytriton.libs + Python's LIBDIR.
+Metrics are on (Prometheus text on http://127.0.0.1:<metrics_port>/metrics): Triton's per-model counters and
+canvas_loop's custom dgemma_* metrics."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -70,6 +73,15 @@ class Server:
     def http_url(self) -> str:
         return f"127.0.0.1:{self.http_port}"
 
+    @property
+    def metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.metrics_port}/metrics"
+
+    def metrics(self) -> str:
+        """The metrics endpoint's Prometheus text."""
+        with urllib.request.urlopen(self.metrics_url, timeout=5) as r:
+            return r.read().decode()
+
     def start(self, timeout_s: float = 60.0) -> "Server":
         if self.proc is not None and self.proc.poll() is None:
             return self  # already running (e.g. `with Server(r).start() as s`): never orphan a second server
@@ -81,7 +93,7 @@ class Server:
         self.log_path = self.log_path or self.root / "server.log"
         cmd = [str(server_binary()), f"--model-repository={models}", f"--backend-directory={backends}",
                "--http-address=127.0.0.1", "--grpc-address=127.0.0.1", f"--http-port={self.http_port}",
-               f"--grpc-port={self.grpc_port}", f"--metrics-port={self.metrics_port}", "--allow-metrics=false",
+               f"--grpc-port={self.grpc_port}", f"--metrics-port={self.metrics_port}", "--allow-metrics=true",
                "--model-control-mode=explicit", "--load-model=*", "--exit-on-error=true"]
         log = open(self.log_path, "w")
         self.proc = subprocess.Popen(cmd, env=server_env(), stdout=log, stderr=subprocess.STDOUT,
@@ -136,7 +148,8 @@ def cmd_serve(args) -> int:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, interrupt)
-    root = render(args.gpu, args.precision, args.checkpoint, backend=args.backend)
+    root = render(args.gpu, args.precision, args.checkpoint, backend=args.backend, engine=args.engine,
+                  max_batch=args.max_batch)
     srv = Server(root)
     if args.http_port:
         srv.http_port, srv.grpc_port, srv.metrics_port = args.http_port, args.grpc_port, args.metrics_port
@@ -146,7 +159,10 @@ def cmd_serve(args) -> int:
         srv.stop()
         raise
     print(f"tritonserver pid {srv.proc.pid} ready: grpc {srv.grpc_url}  http {srv.http_url}  "
-          f"(log {srv.log_path}); Ctrl-C stops it", flush=True)
+          f"metrics {srv.metrics_url}  (log {srv.log_path}); Ctrl-C stops it", flush=True)
+    if args.ready_file:  # for scripts (make demo): where to connect, written once the server is ready
+        Path(args.ready_file).write_text(json.dumps({"pid": srv.proc.pid, "grpc": srv.grpc_url, "http": srv.http_url,
+                                                     "metrics": srv.metrics_url, "log": str(srv.log_path)}))
     try:
         while srv.proc.poll() is None:
             time.sleep(0.5)
@@ -159,13 +175,16 @@ def cmd_serve(args) -> int:
 
 
 def add_parsers(sub) -> None:
+    from .render import add_render_args
+
     s = sub.add_parser("serve", help="render the Triton repository and run tritonserver on 127.0.0.1")
     s.add_argument("--gpu", default="cpu")
     s.add_argument("--precision", default="bf16")
     s.add_argument("--checkpoint", help="checkpoint dir (default: the embedded trained tiny model)")
-    s.add_argument("--backend", default="torch", choices=["torch", "ort"])
+    add_render_args(s)
     s.add_argument("--http-port", type=int, default=0, help="default: free ports")
     s.add_argument("--grpc-port", type=int, default=0)
     s.add_argument("--metrics-port", type=int, default=0)
     s.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for readiness")
+    s.add_argument("--ready-file", help="write {pid, grpc, http, metrics, log} as JSON here once ready")
     s.set_defaults(func=cmd_serve)

@@ -356,11 +356,12 @@ def build_parser() -> argparse.ArgumentParser:
     engine_build.add_parsers(sub)
 
     from . import client
-    from .serving import render, server
+    from .serving import loadtest, render, server
 
     render.add_parsers(sub)
     server.add_parsers(sub)
     client.add_parsers(sub)
+    loadtest.add_parsers(sub)
 
     t = sub.add_parser("init-tiny", help="write the tiny random DiffusionGemma checkpoint (real layout)")
     t.add_argument("out_dir")

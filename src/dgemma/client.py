@@ -1,7 +1,7 @@
 """`dgemma client`: talk to the `dgemma` ensemble over gRPC with tritonclient.
 
-The ensemble wraps the decoupled canvas_loop, so it is decoupled too: plain infer is refused and every call
-goes through the streaming API (start_stream / async_stream_infer), toolchain.md §3.3b. `request()` returns
+The model is decoupled: plain infer is refused and every call goes through the streaming API (start_stream /
+async_stream_infer), toolchain.md §3.3b. `request()` returns
 every response in order (one per committed canvas when stream=True, exactly one otherwise)."""
 
 from __future__ import annotations
@@ -79,10 +79,12 @@ def _decode(result) -> dict:
 def health(url: str) -> dict:
     import tritonclient.grpc as grpcclient
 
+    from .serving.render import MODELS
+
     c = grpcclient.InferenceServerClient(url)
     try:
         return {"live": c.is_server_live(), "ready": c.is_server_ready(),
-                "models": {m: c.is_model_ready(m) for m in ("preprocess", "canvas_loop", "postprocess", "dgemma")}}
+                "models": {m: c.is_model_ready(m) for m in MODELS}}
     except Exception as e:  # tritonclient raises InferenceServerException for a refused connection
         raise ServerError(f"no Triton server at {url} ({e}). Start one with: dgemma serve") from None
     finally:

@@ -56,7 +56,7 @@ def start_server(root):
 
 @pytest.fixture(scope="session")
 def triton(tmp_path_factory, onnx_fp32):
-    """The default rendering (canvas_loop's default backend for GPU=cpu)."""
+    """The default rendering (the canvas loop's default backend for GPU=cpu)."""
     pytest.importorskip("tritonclient.grpc", reason="install the serving extra: pip install -e '.[serve]'")
     from dgemma.serving.render import render
 
@@ -64,3 +64,24 @@ def triton(tmp_path_factory, onnx_fp32):
     yield srv
     srv.stop()
     assert srv.proc.poll() is not None, f"tritonserver pid {srv.proc.pid} still running"
+
+
+@pytest.fixture(scope="session")
+def triton_bls(tmp_path_factory, onnx_fp32):
+    """The canvas loop over BLS to the encoder/denoiser models, 8 slots and a 2 ms batching window, so concurrent
+    requests really share denoiser batches (the default rendering batches only what is already queued)."""
+    pytest.importorskip("tritonclient.grpc", reason="install the serving extra: pip install -e '.[serve]'")
+    from dgemma.serving.render import render
+
+    root = render("cpu", "bf16", backend="bls", max_batch=8, queue_delay_us=2000, threads=1,
+                  out=tmp_path_factory.mktemp("triton_bls") / "cpu" / "bf16")
+    srv = start_server(root)
+    yield srv
+    srv.stop()
+    assert srv.proc.poll() is not None, f"tritonserver pid {srv.proc.pid} still running"
+
+
+@pytest.fixture(params=["default", "bls"])
+def server(request):
+    """Each test using it runs against both renderings (in-process ORT default, and BLS)."""
+    return request.getfixturevalue("triton" if request.param == "default" else "triton_bls")

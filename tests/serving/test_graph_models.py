@@ -1,6 +1,6 @@
 """The serving pieces without a server: the encoder/denoiser batch runner, the BLS backend over a stand-in for
-pb_utils (each BLS request answered by the GraphRunner that the Triton model would run), canvas_loop's slots and
-metrics recorder. build/onnx/fp32 comes from the session fixture (conftest.ensure_onnx_fp32)."""
+pb_utils (each BLS request answered by the GraphRunner that the Triton model would run), the dgemma model's slots
+and metrics recorder. build/onnx/fp32 comes from the session fixture (conftest.ensure_onnx_fp32)."""
 
 from __future__ import annotations
 
@@ -84,7 +84,7 @@ class FakePb:
 
 
 def test_bls_backend_generates_what_ort_backend_generates(runners, onnx_fp32):
-    """Same tokens, steps and statistics as in-process OrtBackend for the same seed (B=1, as canvas_loop runs it);
+    """Same tokens, steps and statistics as in-process OrtBackend for the same seed (B=1, as the model runs it);
     every request has the capacity shapes (max_context slots), so Triton can batch any two of them."""
     from dgemma.checkpoint import load_checkpoint
     from dgemma.runtime.bls_backend import BlsBackend
@@ -153,7 +153,7 @@ def test_slots_queue_in_order_refuse_beyond_and_free_on_release():
     t.start()
     time.sleep(0.1)
     assert slots.queued == 1
-    with pytest.raises(Busy, match=r"canvas_loop is full: 1 requests generating \(max_batch=1, GpuProfile.max_batch\) "
+    with pytest.raises(Busy, match=r"dgemma is full: 1 requests generating \(max_batch=1, GpuProfile.max_batch\) "
                                    r"and 1 queued \(max 1\); retry later"):
         slots.acquire()
     slots.release()

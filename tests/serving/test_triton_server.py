@@ -1,11 +1,13 @@
-"""The `dgemma` ensemble on a real tritonserver: same answers as in-process generation, streaming order,
-concurrency, error messages, HTTP generate."""
+"""The `dgemma` ensemble on a real tritonserver: same answers as `dgemma generate --backend ort`, streaming order,
+concurrency (with denoiser batches on the BLS rendering), cancellation, metrics, error messages, HTTP generate.
+Tests taking `server` run against both renderings: the canvas loop in-process (ORT, the CPU default) and over BLS."""
 
 from __future__ import annotations
 
 import json
 import queue
 import threading
+import time
 import urllib.error
 import urllib.request
 
@@ -14,17 +16,22 @@ import pytest
 import torch
 
 from dgemma.client import ServerError, request
+from dgemma.serving.loadtest import batch_counts, metric, parse_metrics
 
 PROMPTS = [("sort: 3 1 4 1 5 9 2 6 5 3", 0), ("sort: 8 0 7 2 2 9 4 1 6 3", 7)]
+MAX_CONTEXT = 256  # GpuProfile cpu: the KV capacity the server's backends use
 
 
 @pytest.fixture(scope="module")
-def local():
-    """In-process generation with the same checkpoint: (backend, sampler defaults, tokenizer)."""
-    from dgemma.cli import load_model, make_backend
+def local(onnx_fp32):
+    """In-process generation over the same ONNX graphs and capacity: (backend, sampler defaults, tokenizer)."""
+    from dgemma.checkpoint import load_checkpoint
+    from dgemma.runtime.ort_backend import OrtBackend
+    from dgemma.tiny import ensure_tiny
+    from dgemma.tokens import Tokenizer
 
-    model, _cfg, sampler, tok = load_model(None, "cpu", None)
-    return make_backend("torch", model, "bf16", 256), sampler, tok
+    ck = ensure_tiny()
+    return OrtBackend(onnx_fp32, max_context=MAX_CONTEXT, threads=1), load_checkpoint(ck).sampler, Tokenizer(ck)
 
 
 def generate_local(local, prompt, seed, **over):
@@ -39,33 +46,63 @@ def generate_local(local, prompt, seed, **over):
     return tok.decode(res.new_tokens[0].tolist()), res, canvases
 
 
-@pytest.mark.parametrize("prompt, seed", PROMPTS)
-def test_ensemble_equals_dgemma_generate(triton, prompt, seed, capsys):
+_CLI: dict = {}
+
+
+def cli_generate(capsys, *args):
+    """`dgemma generate --backend ort --precision fp32 --max-context 256 ... --json`, once per argument list."""
     from dgemma.cli import main
 
-    assert main(["generate", "--prompt", prompt, "--seed", str(seed), "--json"]) == 0
-    want = json.loads(capsys.readouterr().out)
-    got = request(triton.grpc_url, prompt, seed=seed)
+    if args not in _CLI:
+        assert main(["generate", "--backend", "ort", "--precision", "fp32", "--max-context", str(MAX_CONTEXT),
+                     *args, "--json"]) == 0
+        _CLI[args] = json.loads(capsys.readouterr().out)
+    return _CLI[args]
+
+
+def stream(url, **values):
+    """Open a gRPC stream with one request; -> (client, queue of (result, error))."""
+    import tritonclient.grpc as grpcclient
+
+    from dgemma.client import _inputs
+
+    events: queue.Queue = queue.Queue()
+    c = grpcclient.InferenceServerClient(url)
+    c.start_stream(callback=lambda result, error: events.put((result, error)))
+    c.async_stream_infer("dgemma", _inputs(grpcclient, values), enable_empty_final_response=True)
+    return c, events
+
+
+def on_bls(srv) -> bool:
+    return 'key: "backend" value: { string_value: "bls" }' in (srv.root / "models/dgemma/config.pbtxt").read_text()
+
+
+def wait_metrics(srv, cond, timeout_s=10.0):
+    deadline = time.monotonic() + timeout_s
+    while True:
+        m = parse_metrics(srv.metrics())
+        if cond(m) or time.monotonic() > deadline:
+            return m
+        time.sleep(0.1)
+
+
+@pytest.mark.parametrize("prompt, seed", PROMPTS)
+def test_ensemble_equals_dgemma_generate_ort(server, prompt, seed, capsys):
+    want = cli_generate(capsys, "--prompt", prompt, "--seed", str(seed))
+    got = request(server.grpc_url, prompt, seed=seed)
     assert len(got) == 1  # not streaming: exactly one response
     assert got[0]["text_output"] == want["text"]
     assert got[0]["canvases"] == want["canvases"] and got[0]["steps_per_canvas"] == want["steps_per_canvas"]
     assert got[0]["tokens_per_forward"] == pytest.approx(want["tokens_per_forward"], abs=1e-3)
 
 
-def test_streaming_canvas_order_then_final_flag(triton, local):
-    import tritonclient.grpc as grpcclient
-
-    from dgemma.client import _decode, _inputs
-
+def test_streaming_canvas_order_then_final_flag(server, local):
     prompt, seed = PROMPTS[0]
     _text, res, want_canvases = generate_local(local, prompt, seed, max_new_tokens=96, ignore_eos=True)
     assert res.canvases == 3
-    events: queue.Queue = queue.Queue()
-    c = grpcclient.InferenceServerClient(triton.grpc_url)
-    c.start_stream(callback=lambda result, error: events.put((result, error)))
-    c.async_stream_infer("dgemma", _inputs(grpcclient, {"text_input": prompt, "seed": seed, "max_tokens": 96,
-                                                        "ignore_eos": True, "stream": True}),
-                         enable_empty_final_response=True)
+    c, events = stream(server.grpc_url, text_input=prompt, seed=seed, max_tokens=96, ignore_eos=True, stream=True)
+    from dgemma.client import _decode
+
     seen = []
     while True:
         r, e = events.get(timeout=60)
@@ -89,16 +126,20 @@ def test_streaming_canvas_order_then_final_flag(triton, local):
     assert data[3]["tokens_per_forward"] == pytest.approx(float(res.tokens_per_forward[0]), abs=1e-3)
 
 
-def test_eight_concurrent_clients(triton, local):
+def test_eight_concurrent_clients(server, local):
+    """8 clients at once, each answered exactly as its own B=1 in-process run; on the BLS rendering the
+    denoiser's executions account for every step and concurrent steps share batches (ORT rows are independent
+    and bit-identical batched or not, tests/serving/test_graph_models.py)."""
     rng = np.random.default_rng(0)
     digits = [" ".join(map(str, rng.integers(0, 10, 10))) for _ in range(8)]  # the tiny model sorts 10 digits
     jobs = [(f"sort: {d}", i) for i, d in enumerate(digits)]
-    want = {j: generate_local(local, *j)[0] for j in jobs}
+    want = {j: generate_local(local, *j, max_new_tokens=64, ignore_eos=True) for j in jobs}
     got, errors = {}, []
+    b0 = batch_counts(server.grpc_url)
 
     def worker(job):
         try:
-            got[job] = request(triton.grpc_url, job[0], seed=job[1])[-1]["text_output"]
+            got[job] = request(server.grpc_url, job[0], seed=job[1], max_tokens=64, ignore_eos=True)[-1]
         except Exception as e:  # collected and reported below
             errors.append(f"{job}: {e}")
 
@@ -108,8 +149,64 @@ def test_eight_concurrent_clients(triton, local):
     for t in threads:
         t.join(120)
     assert not errors, errors
-    assert got == want
-    assert sum(w == " ".join(sorted(j[0][6:].split())) for j, w in want.items()) >= 6  # the model does sort
+    assert {j: g["text_output"] for j, g in got.items()} == {j: w[0] for j, w in want.items()}
+    assert {j: g["steps_per_canvas"] for j, g in got.items()} == {j: w[1].steps_per_canvas for j, w in want.items()}
+    assert sum(w[0].startswith(" ".join(sorted(j[0][6:].split()))) for j, w in want.items()) >= 6  # it sorts
+    b1 = batch_counts(server.grpc_url)
+    batches = {k: b1.get(k, 0) - b0.get(k, 0) for k in b1 if b1.get(k, 0) - b0.get(k, 0)}
+    if on_bls(server):
+        print(f"denoiser executions by batch size: {batches}")
+        assert sum(k * n for k, n in batches.items()) == sum(sum(w[1].steps_per_canvas) for w in want.values())
+        assert max(batches) > 1  # concurrent requests shared denoiser batches
+    else:
+        assert not batches  # in-process: the denoiser model is not used
+
+
+def test_cancel_mid_stream_stops_the_loop_and_frees_the_slot(server):
+    """A streamed 6-canvas request cancelled after its first canvas: the loop stops before the 6th canvas
+    (metrics: cancelled +1, fewer canvases committed), its slot is free at once and the next request is served."""
+    prompt = PROMPTS[1][0]
+    m0 = parse_metrics(server.metrics())
+    c, events = stream(server.grpc_url, text_input=prompt, seed=0, max_tokens=192, ignore_eos=True, stream=True)
+    r, e = events.get(timeout=60)
+    assert e is None and r.get_response().outputs  # the first canvas
+    c.stop_stream(cancel_requests=True)
+    c.close()
+    before = metric(m0, "dgemma_requests_total", outcome="cancelled")
+    m1 = wait_metrics(server, lambda m: metric(m, "dgemma_requests_total", outcome="cancelled") > before)
+
+    def d(name, **labels):
+        return metric(m1, name, **labels) - metric(m0, name, **labels)
+
+    assert d("dgemma_requests_total", outcome="cancelled") == 1 and d("dgemma_requests_total", outcome="ok") == 0
+    assert d("dgemma_canvases_per_request_count") == 1
+    assert 1 <= d("dgemma_canvases_per_request_sum") < 6  # stopped early
+    assert metric(m1, "dgemma_requests_active") == 0 and metric(m1, "dgemma_requests_queued") == 0
+    assert "generation cancelled at canvas" in server.log_tail(400)
+    assert request(server.grpc_url, PROMPTS[0][0])[-1]["text_output"] == "1 1 2 3 3 4 5 5 6 9"
+
+
+def test_metrics_endpoint_reports_steps_and_canvases(server):
+    m0 = parse_metrics(server.metrics())
+    out = request(server.grpc_url, PROMPTS[0][0], seed=0, max_tokens=64, ignore_eos=True)[-1]
+    m1 = parse_metrics(server.metrics())
+
+    def d(name, **labels):
+        return metric(m1, name, **labels) - metric(m0, name, **labels)
+
+    steps = out["steps_per_canvas"]
+    assert out["canvases"] == 2 and len(steps) == 2
+    assert d("dgemma_requests_total", outcome="ok") == 1
+    assert d("dgemma_canvases_per_request_count") == 1 and d("dgemma_canvases_per_request_sum") == 2
+    assert d("dgemma_steps_per_canvas_count") == 2 and d("dgemma_steps_per_canvas_sum") == sum(steps)
+    for le in ("1", "2", "4", "8", "48"):
+        assert d("dgemma_steps_per_canvas_bucket", le=le) == sum(s <= int(le) for s in steps)
+    assert d("dgemma_graph_seconds_count", graph="denoiser") == sum(steps)
+    assert d("dgemma_graph_seconds_count", graph="encoder") == 2  # prefill + one commit (the last is not encoded)
+    assert d("nv_inference_count", model="dgemma") == 1
+    bls = on_bls(server)
+    assert d("nv_inference_count", model="denoiser") == (sum(steps) if bls else 0)
+    assert d("nv_inference_count", model="encoder") == (2 if bls else 0)
 
 
 @pytest.mark.parametrize("params, pattern", [
@@ -164,11 +261,8 @@ def test_client_cli_health_and_prompt(triton, capsys):
 
 def test_infill_input_keeps_fixed_tokens(triton, capsys):
     """The ensemble's optional `infill` input == `dgemma generate --infill` (fixed tokens kept, holes denoised)."""
-    from dgemma.cli import main
-
     prompt, template = "sort: 8 0 7 2 2 9 4 1 6 3", "0 1 _ _ _ _ _ _ _ _ _ _ _ _ _ _ 8 9"
-    assert main(["generate", "--prompt", prompt, "--seed", "0", "--infill", template, "--json"]) == 0
-    want = json.loads(capsys.readouterr().out)
+    want = cli_generate(capsys, "--prompt", prompt, "--seed", "0", "--infill", template)
     got = request(triton.grpc_url, prompt, seed=0, infill=template)
     assert got[0]["text_output"] == want["text"]
     assert got[0]["text_output"].startswith("0 1 ") and got[0]["text_output"].rstrip().endswith("8 9")

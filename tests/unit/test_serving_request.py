@@ -80,6 +80,7 @@ def test_limits_from_parameters_and_response_shapes():
 @pytest.mark.parametrize("gpu", sorted(PROFILES))
 def test_render_every_profile(tmp_path, gpu):
     from dgemma.profiles import _hardware_rule, Precision
+    from dgemma.serving.canvas_loop import OUTPUTS
     from dgemma.serving.render import MODELS, render
 
     for p in PROFILES[gpu].precisions:
@@ -89,13 +90,13 @@ def test_render_every_profile(tmp_path, gpu):
         for m in MODELS:
             text = (root / "models" / m / "config.pbtxt").read_text()
             assert "${" not in text and f'name: "{m}"' in text
-        ens = (root / "models" / "dgemma" / "config.pbtxt").read_text()
-        for name in INPUTS:
-            assert f'name: "{name}"' in ens and f'key: "{name}"' in ens
-        pre = (root / "models" / "preprocess" / "config.pbtxt").read_text()
-        assert f'key: "max_prompt" value: {{ string_value: "{PROFILES[gpu].max_prompt}" }}' in pre
-        assert re.search(r'key: "target" value: \{ string_value: "' + gpu + "/" + p.value, pre)
-        assert (root / "models" / "canvas_loop" / "1" / "model.py").exists()
+        top = (root / "models" / "dgemma" / "config.pbtxt").read_text()
+        assert "model_transaction_policy { decoupled: true }" in top and 'backend: "python"' in top
+        assert _io_names(top, "input") == list(INPUTS) and _io_names(top, "output") == list(OUTPUTS)
+        assert f'key: "max_prompt" value: {{ string_value: "{PROFILES[gpu].max_prompt}" }}' in top
+        assert f'key: "max_batch" value: {{ string_value: "{PROFILES[gpu].max_batch}" }}' in top
+        assert re.search(r'key: "target" value: \{ string_value: "' + gpu + "/" + p.value, top)
+        assert (root / "models" / "dgemma" / "1" / "model.py").exists()
 
 
 def test_render_missing_key_is_an_error(tmp_path):
@@ -105,7 +106,7 @@ def test_render_missing_key_is_an_error(tmp_path):
     for m in TEMPLATE_DIRS:
         (tdir / m / "1").mkdir(parents=True)
         (tdir / m / "config.pbtxt.tmpl").write_text((TEMPLATES / m / "config.pbtxt.tmpl").read_text())
-    (tdir / "canvas_loop" / "config.pbtxt.tmpl").write_text('name: "canvas_loop"\n${no_such_key}\n')
+    (tdir / "dgemma" / "config.pbtxt.tmpl").write_text('name: "dgemma"\n${no_such_key}\n')
     with pytest.raises(KeyError, match="no_such_key"):
         render("cpu", "bf16", out=tmp_path / "out", templates=tdir, backends=False)
 
@@ -113,7 +114,7 @@ def test_render_missing_key_is_an_error(tmp_path):
 def test_model_py_has_no_sampling_arithmetic():
     from dgemma.serving.render import TEMPLATES
 
-    src = (TEMPLATES / "canvas_loop" / "1" / "model.py").read_text()
+    src = (TEMPLATES / "dgemma" / "1" / "model.py").read_text()
     assert "import torch" not in src and "multinomial" not in src and "dgemma.serving.canvas_loop" in src
 
 
@@ -173,7 +174,7 @@ def test_render_tensorrt_plan_variant(tmp_path, gpu, precision):
         assert (d / "1" / "model.plan").is_symlink()
         assert (d / "1" / "model.plan").readlink() == ROOT / "engines" / gpu / precision / f"{g}.plan"
         assert not (d / "1" / "model.py").exists()
-    loop = (root / "models" / "canvas_loop" / "config.pbtxt").read_text()
+    loop = (root / "models" / "dgemma" / "config.pbtxt").read_text()
     assert 'key: "backend" value: { string_value: "bls" }' in loop  # GPUs drive the graph models through BLS
 
 
@@ -183,5 +184,5 @@ def test_render_rejects_unknown_engine_and_backend(tmp_path):
 
     with pytest.raises(ConfigError, match=r"unknown engine 'tvm' for the encoder/denoiser models; valid: auto"):
         render("cpu", "bf16", out=tmp_path, engine="tvm", backends=False)
-    with pytest.raises(ConfigError, match=r"unknown canvas_loop backend 'trt'; valid: ort, torch, bls"):
+    with pytest.raises(ConfigError, match=r"unknown canvas loop backend 'trt'; valid: ort, torch, bls"):
         render("cpu", "bf16", out=tmp_path, backend="trt", backends=False)

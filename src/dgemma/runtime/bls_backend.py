@@ -1,8 +1,8 @@
 """Backend over Triton's `encoder` and `denoiser` models through BLS (Business Logic Scripting) requests.
 
-Runs inside a Triton python model (canvas_loop): each graph call becomes a `pb_utils.InferenceRequest(...).exec()`
+Runs inside the Triton python model `dgemma`: each graph call becomes a `pb_utils.InferenceRequest(...).exec()`
 to the model named after the graph, with the graph's tensor names and dtypes from dgemma.graphs. The KV state
-stays here, in canvas_loop: fixed-capacity torch buffers appended with dgemma.runtime.kvbuf, exactly as
+stays here, in the dgemma model: fixed-capacity torch buffers appended with dgemma.runtime.kvbuf, exactly as
 TrtBackend keeps them (this class reuses TrtBackend's state handling and replaces its engine calls with BLS
 calls), on the CPU or a CUDA device, in fp32 or bf16 (tensors cross by DLPack). Every request drives its own
 B=1 sampler; the `denoiser` model's dynamic batcher merges concurrent requests' steps (equal shapes: capacity =

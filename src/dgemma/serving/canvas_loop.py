@@ -1,12 +1,12 @@
-"""Requests and responses of the Triton `dgemma` ensemble, independent of Triton.
+"""Requests and responses of the Triton `dgemma` model, independent of Triton.
 
 `Limits` holds what a rendered repository allows (from the GpuProfile and the checkpoint, written into
 config.pbtxt parameters by render.py). `parse_request` turns the ensemble's LLM-shaped inputs (numpy arrays by
 name) into a validated `Request` or raises `RequestError` naming the value, the limit and where it comes from.
 `run` drives `dgemma.sampler.generate` for one request and hands each response (a dict of numpy arrays) to
-`send`; `serve` wraps it for canvas_loop's per-request threads: a slot (`Slots`, GpuProfile.max_batch canvases
-in flight, FIFO queue beyond), the outcome and the custom metrics (`METRICS`, reported through `Recorder`).
-Imports torch only inside `run`, so preprocess/postprocess stay light.
+`send` (`text_response` decodes it into the model's outputs); `serve` wraps it for the model's per-request
+threads: a slot (`Slots`, GpuProfile.max_batch canvases in flight, FIFO queue beyond), the outcome and the
+custom metrics (`METRICS`, reported through `Recorder`). Imports torch only where it runs the loop.
 """
 
 from __future__ import annotations
@@ -22,10 +22,10 @@ import numpy as np
 
 from ..errors import Cancelled, RequestError
 
-# how canvas_loop computes: in-process ONNX Runtime / torch, or BLS requests to the encoder/denoiser models
+# how the canvas loop computes: in-process ONNX Runtime / torch, or BLS requests to the encoder/denoiser models
 BACKENDS = ("ort", "torch", "bls")
 
-# ensemble inputs (name -> (Triton dtype, optional)); config templates and the client use these names
+# model inputs (name -> (Triton dtype, optional)); the config template and the client use these names
 INPUTS = {
     "text_input": ("TYPE_STRING", False),
     "max_tokens": ("TYPE_INT32", True),
@@ -36,7 +36,14 @@ INPUTS = {
     "ignore_eos": ("TYPE_BOOL", True),
     "infill": ("TYPE_STRING", True),
 }
-OUTPUTS = ("text_output", "canvas_index", "canvases", "steps_per_canvas", "tokens_per_forward")
+# model outputs (name -> (Triton dtype, dims))
+OUTPUTS = {
+    "text_output": ("TYPE_STRING", 1),
+    "canvas_index": ("TYPE_INT32", 1),
+    "canvases": ("TYPE_INT32", 1),
+    "steps_per_canvas": ("TYPE_INT32", -1),
+    "tokens_per_forward": ("TYPE_FP32", 1),
+}
 
 
 @dataclass(frozen=True)
@@ -153,7 +160,7 @@ def parse_request(inputs: dict[str, Any], limits: Limits, encode_chat: Callable[
 
 
 def response(new_ids, canvas_index: int, canvases: int, steps: list[int], tokens_per_forward: float) -> dict:
-    """canvas_loop's output tensors for one response."""
+    """The loop's tensors for one response (output_ids still token ids; text_response decodes them)."""
     return {
         "output_ids": np.asarray(new_ids, dtype=np.int64).reshape(-1),
         "canvas_index": np.array([canvas_index], dtype=np.int32),
@@ -161,6 +168,13 @@ def response(new_ids, canvas_index: int, canvases: int, steps: list[int], tokens
         "steps_per_canvas": np.asarray(steps or [0], dtype=np.int32),
         "tokens_per_forward": np.array([tokens_per_forward], dtype=np.float32),
     }
+
+
+def text_response(tensors: dict, tokenizer) -> dict:
+    """A `response` with its output_ids decoded: the model's OUTPUTS."""
+    out = dict(tensors)
+    text = tokenizer.decode(out.pop("output_ids").tolist())
+    return {"text_output": np.array([text.encode("utf-8")], dtype=np.object_), **out}
 
 
 def run(backend, sampler, tokenizer, req: Request, send: Callable[[dict], None],
@@ -226,7 +240,7 @@ def model_parameters(args: dict) -> dict[str, str]:
 
 
 def build_engine(params: dict[str, str]):
-    """(backend, sampler defaults, tokenizer) for canvas_loop's initialize(): built once per model instance."""
+    """(backend, sampler defaults, tokenizer) for the model's initialize(): built once per model instance."""
     from pathlib import Path
 
     import torch
@@ -259,7 +273,7 @@ def build_engine(params: dict[str, str]):
     return backend, ck.sampler, Tokenizer(ck_dir)
 
 
-# -- canvas_loop's threads: slots, outcome, metrics --------------------------------------------------------------
+# -- the model's per-request threads: slots, outcome, metrics --------------------------------------------------------------
 class Busy(RequestError):
     """Every slot is taken and the queue is full."""
 
@@ -285,7 +299,7 @@ class Slots:
                 self.in_use += 1
                 return
             if len(self._waiting) >= self.max_queued:
-                raise Busy(f"canvas_loop is full: {self.in_use} requests generating (max_batch={self.size}, "
+                raise Busy(f"dgemma is full: {self.in_use} requests generating (max_batch={self.size}, "
                            f"GpuProfile.max_batch) and {len(self._waiting)} queued (max {self.max_queued}); "
                            "retry later.")
             me = object()
@@ -306,15 +320,15 @@ class Slots:
             self._cv.notify_all()
 
 
-# custom metrics canvas_loop reports on Triton's metrics endpoint: name -> (kind, description, buckets)
+# custom metrics the dgemma model reports on Triton's metrics endpoint: name -> (kind, description, buckets)
 METRICS = {
     "dgemma_steps_per_canvas": ("histogram", "Denoising steps per committed canvas",
                                 (1, 2, 3, 4, 5, 6, 8, 12, 16, 24, 32, 48)),
     "dgemma_canvases_per_request": ("histogram", "Canvases committed per request (cancelled requests included)",
                                     (1, 2, 3, 4, 6, 8, 16, 32, 64, 128)),
-    "dgemma_requests_total": ("counter", "Requests canvas_loop finished, by outcome (ok, cancelled, error, busy)",
+    "dgemma_requests_total": ("counter", "Requests the dgemma model finished, by outcome (ok, cancelled, error, busy)",
                               None),
-    "dgemma_graph_seconds": ("histogram", "Wall time of one backend call seen by canvas_loop (graph=encoder: "
+    "dgemma_graph_seconds": ("histogram", "Wall time of one backend call seen by the canvas loop (graph=encoder: "
                              "prefill/commit; graph=denoiser: one denoising step; BLS round trip included)",
                              (0.0005, 0.001, 0.002, 0.004, 0.008, 0.016, 0.032, 0.064, 0.128, 0.256, 1.0)),
     "dgemma_requests_active": ("gauge", "Requests generating now (slots in use)", None),
@@ -325,7 +339,7 @@ OUTCOMES = ("ok", "cancelled", "error", "busy")
 
 class Recorder:
     """Updates METRICS through `make(name, labels)` -> an object with observe/increment/set (pb_utils.Metric in
-    canvas_loop; anything alike in tests). Thread-safe."""
+    the model; anything alike in tests). Thread-safe."""
 
     def __init__(self, make: Callable[[str, dict], Any] | None):
         self._lock = threading.Lock()
@@ -383,7 +397,7 @@ def timed(backend, recorder: Recorder):
 
 def serve(engine, req: Request, send: Callable[[dict], None], should_stop: Callable[[], bool], slots: Slots,
           recorder: Recorder, log: Callable[[str], None] = lambda s: None) -> str:
-    """One request on canvas_loop's per-request thread: wait for a slot, generate, free the slot, record.
+    """One request on the model's per-request thread: wait for a slot, generate, free the slot, record.
     -> outcome ("ok", "cancelled"); DgemmaErrors (bad request, Busy) and bugs propagate after recording."""
     backend, sampler, tok = engine
     committed = 0
@@ -409,7 +423,7 @@ def serve(engine, req: Request, send: Callable[[dict], None], should_stop: Calla
         outcome = "ok"
     except Cancelled as e:
         outcome = "cancelled"
-        log(f"canvas_loop: {e} after {committed} committed canvas(es), {time.perf_counter() - t0:.3f} s; "
+        log(f"dgemma: {e} after {committed} committed canvas(es), {time.perf_counter() - t0:.3f} s; "
             "slot freed")
     finally:
         slots.release()

@@ -1,9 +1,9 @@
 """`dgemma loadtest`: the serving overhead and concurrency figures of the README, measured on a real tritonserver.
 
-For each canvas_loop backend (in-process ort / torch, bls through the encoder/denoiser models) it renders the
+For each canvas loop backend (in-process ort / torch, bls through the encoder/denoiser models) it renders the
 repository for GPU=cpu, starts the server, and for each concurrency level C runs C client threads that send
 streamed gRPC requests back to back (distinct "sort: ..." prompts, fixed seeds). Per level: latency (mean, p50,
-p90), requests/s and generated tokens/s, canvas_loop's own per-call time (dgemma_graph_seconds: one denoising
+p90), requests/s and generated words/s, the loop's own per-call time (dgemma_graph_seconds: one denoising
 step, BLS round trip included) and the denoiser model's batch sizes from Triton's statistics (executions per
 batch size). The in-process baseline runs the same prompts through dgemma.sampler.generate over OrtBackend.
 """
@@ -25,11 +25,11 @@ def prompts(n: int, seed: int = 0) -> list[tuple[str, int]]:
     return [("sort: " + " ".join(map(str, rng.integers(0, 10, 10))), i) for i in range(n)]
 
 
-def parse_metrics(text: str) -> dict[str, float]:
-    """Prometheus text -> {'name{labels}': value} for dgemma_* series."""
+def parse_metrics(text: str, prefixes: tuple[str, ...] = ("dgemma_", "nv_inference_")) -> dict[str, float]:
+    """Prometheus text -> {'name{labels}': value} for the series whose names start with `prefixes`."""
     out = {}
     for line in text.splitlines():
-        if line.startswith("dgemma_"):
+        if line.startswith(prefixes):
             key, val = line.rsplit(" ", 1)
             out[key] = float(val)
     return out
@@ -112,7 +112,7 @@ def run_level(srv, jobs: list[tuple[str, int]], concurrency: int, **params) -> d
         "req_per_s": round(len(lat) / wall, 2), "words_per_s": round(sum(toks) / wall, 1),
         "latency_ms": {"mean": round(1e3 * statistics.fmean(lat), 1) if lat else None,
                        "p50": round(1e3 * _pct(lat, 50), 1), "p90": round(1e3 * _pct(lat, 90), 1)},
-        "denoise_steps": int(steps), "step_ms_in_canvas_loop": round(1e3 * step_s / steps, 3) if steps else None,
+        "denoise_steps": int(steps), "step_ms_in_loop": round(1e3 * step_s / steps, 3) if steps else None,
         "denoiser_batches": batches,
         "mean_denoiser_batch": round(sum(k * v for k, v in batches.items()) / n_exec, 2) if n_exec else None,
     }
@@ -200,7 +200,7 @@ def cmd_loadtest(args) -> int:
 
 def add_parsers(sub) -> None:
     p = sub.add_parser("loadtest", help="serving overhead and concurrency on a real tritonserver (GPU=cpu, tiny)")
-    p.add_argument("--backends", default="ort,bls", help="canvas_loop backends to compare")
+    p.add_argument("--backends", default="ort,bls", help="canvas loop backends to compare")
     p.add_argument("--concurrency", default="1,2,4,8")
     p.add_argument("--requests", type=int, default=16, help="requests per concurrency level")
     p.add_argument("--max-batch", type=int, help="override GpuProfile.max_batch (slots, graphs' max_batch_size)")

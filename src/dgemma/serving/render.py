@@ -4,11 +4,11 @@ Layout of the output: `models/` (the Triton model repository: config.pbtxt from 
 string.Template.substitute, model.py copied under a two-line header that puts this dgemma's source directory first
 on sys.path) and `backends/python/` (the python backend + the stub for this interpreter, copied from the
 nvidia-pytriton wheel, toolchain.md §3.1). Values come from the GpuProfile and the checkpoint; IO blocks come from
-dgemma.serving.canvas_loop.INPUTS (ensemble, preprocess) and dgemma.graphs (encoder, denoiser).
+dgemma.serving.canvas_loop.INPUTS/OUTPUTS (the `dgemma` model) and dgemma.graphs (encoder, denoiser).
 
-Models: the ensemble `dgemma` = preprocess -> canvas_loop (decoupled) -> postprocess, and the graphs `encoder` and
+Models: `dgemma` (decoupled python: validate + tokenize, the canvas loop, detokenize) and the graphs `encoder` and
 `denoiser` (template graph_python: ONNX Runtime on CPU or torch; graph_tensorrt: `platform: "tensorrt_plan"` over
-engines/<gpu>/<precision>/<graph>.plan where the Triton build has the tensorrt backend). canvas_loop runs the
+engines/<gpu>/<precision>/<graph>.plan where the Triton build has the tensorrt backend). The canvas loop runs the
 sampler in-process (`backend` ort | torch) or through BLS calls to `encoder`/`denoiser` (`backend` bls).
 The stub finds the venv through PATH (server.py puts the venv's bin first, toolchain.md §3.2); PYTHONPATH is
 ignored by the stub, hence the sys.path header.
@@ -26,18 +26,18 @@ import dgemma
 
 from .. import __version__, graphs
 from ..errors import ArtifactError, ConfigError
-from .canvas_loop import BACKENDS, INPUTS
+from .canvas_loop import BACKENDS, INPUTS, OUTPUTS
 from .graph_models import check_graph_artifacts, io_block
 
 ROOT = Path(__file__).resolve().parents[3]
 TEMPLATES = ROOT / "triton_repo"
 BUILD = ROOT / "build" / "triton"
 SRC = Path(dgemma.__file__).resolve().parents[1]  # the directory the stub must import dgemma from
-MODELS = ("preprocess", "canvas_loop", "postprocess", "dgemma", graphs.ENCODER, graphs.DENOISER)
+MODELS = ("dgemma", graphs.ENCODER, graphs.DENOISER)
 ENGINES = ("auto", "onnxruntime", "torch", "tensorrt")  # what computes the encoder/denoiser models
 GRAPH_TEMPLATE = {"onnxruntime": "graph_python", "torch": "graph_python", "tensorrt": "graph_tensorrt"}
-TEMPLATE_DIRS = (*MODELS[:4], "graph_python", "graph_tensorrt")  # under triton_repo/
-CPU_BACKEND = "ort"  # canvas_loop default on GPU=cpu: measured faster than bls on the tiny model (README, serving)
+TEMPLATE_DIRS = ("dgemma", "graph_python", "graph_tensorrt")  # under triton_repo/
+CPU_BACKEND = "ort"  # the canvas loop's default on GPU=cpu: measured faster than bls on the tiny model (README, serving)
 QUEUE_DELAY_US = 0  # dynamic batcher: batch only what is already queued (measured best on the tiny model)
 MODEL_PY_HEADER = ("# rendered by `dgemma repo`: import dgemma from the source tree that rendered this repository\n"
                    "import sys; sys.path.insert(0, {src!r})  # noqa: E401,E702\n")
@@ -82,12 +82,10 @@ def pick_engine(engine: str, gpu) -> str:
 
 
 def _io_blocks() -> dict[str, str]:
-    inputs, maps = [], []
-    for name, (dtype, optional) in INPUTS.items():
-        opt = " optional: true" if optional else ""
-        inputs.append(f'  {{ name: "{name}" data_type: {dtype} dims: [ 1 ]{opt} }}')
-        maps.append(f'      {{ key: "{name}" value: "{name}" }}')
-    return {"inputs": ",\n".join(inputs), "input_map": "    input_map [\n" + ",\n".join(maps) + " ]"}
+    inputs = [f'  {{ name: "{name}" data_type: {dtype} dims: [ 1 ]{" optional: true" if optional else ""} }}'
+              for name, (dtype, optional) in INPUTS.items()]
+    outputs = [f'  {{ name: "{name}" data_type: {dtype} dims: [ {dims} ] }}' for name, (dtype, dims) in OUTPUTS.items()]
+    return {"inputs": ",\n".join(inputs), "outputs": ",\n".join(outputs)}
 
 
 def _parameters(values: dict[str, object]) -> str:
@@ -97,17 +95,17 @@ def _parameters(values: dict[str, object]) -> str:
 
 def render(gpu: str = "cpu", precision: str = "bf16", checkpoint: str | Path | None = None,
            out: str | Path | None = None, backend: str | None = None, threads: int | None = 1,
-           canvas_loop_instances: int = 1, templates: Path = TEMPLATES, backends: bool = True,
+           templates: Path = TEMPLATES, backends: bool = True,
            engine: str = "auto", onnx_precision: str | None = None, max_batch: int | None = None,
            queue_delay_us: int = QUEUE_DELAY_US) -> Path:
     """Write the model repository and backend directory; returns the output root (…/<gpu>/<precision>).
 
-    backend: how canvas_loop computes (ort | torch in-process, bls through the encoder/denoiser models; default
+    backend: how the canvas loop computes (ort | torch in-process, bls through the encoder/denoiser models; default
     CPU_BACKEND on GPU=cpu, bls on GPUs).
     engine: what computes the encoder/denoiser models (auto, onnxruntime, torch, tensorrt).
     onnx_precision: which build/onnx/<p>/ the ONNX Runtime models read (default fp32 on the CPU profile, which
     ORT's CPU provider runs, else the target precision). max_batch: override GpuProfile.max_batch (canvases in
-    flight = canvas_loop slots = the graphs' max_batch_size)."""
+    flight = the dgemma model's slots = the graphs' max_batch_size)."""
     from ..checkpoint import load_config
     from ..profiles import resolve
     from ..tiny import ensure_tiny
@@ -115,7 +113,7 @@ def render(gpu: str = "cpu", precision: str = "bf16", checkpoint: str | Path | N
     target = resolve(gpu, precision)
     backend = backend or (CPU_BACKEND if target.gpu.sm == 0 else "bls")
     if backend not in BACKENDS:
-        raise ConfigError(f"unknown canvas_loop backend {backend!r}; valid: {', '.join(BACKENDS)}.")
+        raise ConfigError(f"unknown canvas loop backend {backend!r}; valid: {', '.join(BACKENDS)}.")
     engine = pick_engine(engine, target.gpu)
     ck = Path(checkpoint).resolve() if checkpoint else ensure_tiny()
     if not (ck / "config.json").exists():
@@ -138,8 +136,7 @@ def render(gpu: str = "cpu", precision: str = "bf16", checkpoint: str | Path | N
         "max_queued": 8 * batch, "engine": engine, "graph_precision": graph_precision,
     }
     common = {"target": target.key, "max_batch": batch, "queue_delay_us": queue_delay_us}
-    values = {name: {**common, "parameters": _parameters(params), "canvas_loop_instances": canvas_loop_instances,
-                     **_io_blocks()} for name in MODELS[:4]}
+    values = {"dgemma": {**common, "parameters": _parameters(params), **_io_blocks()}}
     for g in graphs.GRAPHS:
         gp = {**params, "graph": g, "runtime": engine}
         values[g] = {**common, "name": g, "graph": g, "runtime": engine, "parameters": _parameters(gp),
@@ -209,7 +206,7 @@ def add_parsers(sub) -> None:
 def add_render_args(p) -> None:
     """Flags shared by `dgemma repo` and `dgemma serve`."""
     p.add_argument("--backend", choices=BACKENDS,
-                   help=f"how canvas_loop computes: ort/torch in-process, bls through the encoder/denoiser models "
+                   help=f"how the canvas loop computes: ort/torch in-process, bls through the encoder/denoiser models "
                         f"(default: {CPU_BACKEND} on GPU=cpu, bls on GPUs)")
     p.add_argument("--engine", default="auto", choices=ENGINES,
                    help="what computes the encoder/denoiser models (auto: tensorrt_plan where Triton has the "

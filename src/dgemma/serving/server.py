@@ -2,7 +2,7 @@
 on 127.0.0.1 and free ports, with the environment toolchain.md §3.1/§3.2 needs: the venv's bin first on PATH (the
 python backend stub derives sys.prefix from it) and LD_LIBRARY_PATH = nvidia_pytriton.libs + Python's LIBDIR.
 Metrics are on (Prometheus text on http://127.0.0.1:<metrics_port>/metrics): Triton's per-model counters and
-canvas_loop's custom dgemma_* metrics."""
+the dgemma model's custom dgemma_* metrics."""
 
 from __future__ import annotations
 

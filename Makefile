@@ -12,8 +12,9 @@ STAMP := $(VENV)/.dgemma-installed
 SCENARIO ?= anchor,adaptive
 BACKEND ?= torch
 BENCH_ARGS ?=
+LOADTEST_ARGS ?=
 
-.PHONY: venv demo test test-gpu clean-venv init-tiny train-tiny eval generate profiles bench report quantize onnx engines repo serve
+.PHONY: venv demo test test-gpu clean-venv init-tiny train-tiny eval generate profiles bench report quantize onnx engines repo serve loadtest
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -41,6 +42,22 @@ demo: $(STAMP)
 	time $(PY) -m dgemma export --precision fp32
 	time $(PY) -m dgemma build --gpu cpu --precision bf16 --onnx-precision fp32
 	time $(PY) -m dgemma generate --backend ort --precision fp32 --prompt "sort: 5 2 8 1 9 0 3 3 7 4" --seed $(SEED)
+	@echo "== Triton: tritonserver on 127.0.0.1 (GPU=cpu, tiny model, ONNX graphs above), prompts over gRPC =="
+	@rm -f build/demo-serve.json; mkdir -p build; \
+	$(PY) -m dgemma serve --gpu cpu --precision bf16 --ready-file build/demo-serve.json > build/demo-serve.out 2>&1 & \
+	pid=$$!; trap 'kill $$pid 2>/dev/null; wait $$pid 2>/dev/null; echo "== server stopped (pid $$pid)"' EXIT; \
+	for i in $$(seq 360); do [ -s build/demo-serve.json ] && break; \
+	  kill -0 $$pid 2>/dev/null || { cat build/demo-serve.out; exit 1; }; sleep 0.5; done; \
+	[ -s build/demo-serve.json ] || { echo "server not ready after 180 s"; cat build/demo-serve.out; exit 1; }; \
+	cat build/demo-serve.out; \
+	url=$$($(PY) -c "import json; print(json.load(open('build/demo-serve.json'))['grpc'])"); \
+	metrics=$$($(PY) -c "import json; print(json.load(open('build/demo-serve.json'))['metrics'])"); \
+	$(PY) -m dgemma client --url $$url --health && \
+	$(PY) -m dgemma client --url $$url --prompt "sort: 3 1 4 1 5 9 2 6 5 3" --seed $(SEED) --stream --max-tokens 64 && \
+	$(PY) -m dgemma client --url $$url --prompt "sort: 8 0 7 2 2 9 4 1 6 3" --seed $(SEED) --json && \
+	$(PY) -m dgemma client --url $$url --prompt "sort: 5 2 8 1 9 0 3 3 7 4" --seed $(SEED) && \
+	$(PY) -m dgemma client --url $$url --stats && \
+	$(PY) -c "import sys, urllib.request; print('\n'.join(l for l in urllib.request.urlopen(sys.argv[1]).read().decode().splitlines() if l.startswith('dgemma_') and '_bucket' not in l))" $$metrics
 	@echo "== benchmark summary (reduced CPU form) =="
 	$(PY) -m dgemma bench --gpu cpu --scenario anchor,adaptive --out build/demo-bench 2>/dev/null
 
@@ -80,12 +97,16 @@ engines: $(STAMP)
 	$(PY) -m dgemma build --gpu $(GPU) --precision $(PRECISION)
 
 # Triton model repository -> build/triton/$(GPU)/$(PRECISION)/{models,backends}; `serve` renders it and runs
-# tritonserver on 127.0.0.1 (free ports, printed; Ctrl-C stops it). Talk to it with `dgemma client --url ...`.
+# tritonserver on 127.0.0.1 (free gRPC/HTTP/metrics ports, printed; Ctrl-C stops it). GPU=cpu needs the fp32 ONNX
+# graphs (make onnx PRECISION=fp32). Talk to it with `dgemma client --url ...`; `make loadtest` measures it.
 repo: $(STAMP)
 	$(PY) -m dgemma repo --gpu $(GPU) --precision $(PRECISION) $(if $(CKPT),--checkpoint $(CKPT))
 
 serve: $(STAMP)
 	$(PY) -m dgemma serve --gpu $(GPU) --precision $(PRECISION) $(if $(CKPT),--checkpoint $(CKPT))
+
+loadtest: $(STAMP)
+	$(PY) -m dgemma loadtest --out build/loadtest.json $(LOADTEST_ARGS)
 
 # CPU suite; the GPU is hidden like ModelOpt's CPU unit tests.
 test: $(STAMP)

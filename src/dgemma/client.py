@@ -91,7 +91,37 @@ def health(url: str) -> dict:
         c.close()
 
 
+def stats(url: str) -> dict:
+    """Per model: requests, executions and executions by batch size (Triton's statistics over gRPC)."""
+    import tritonclient.grpc as grpcclient
+
+    from .serving.render import MODELS
+
+    c = grpcclient.InferenceServerClient(url)
+    try:
+        out = {}
+        for m in MODELS:
+            st = c.get_inference_statistics(m, as_json=True)["model_stats"][0]
+            out[m] = {"requests": int(st.get("inference_count", 0)), "executions": int(st.get("execution_count", 0)),
+                      "batches": {int(b["batch_size"]): int(b["compute_infer"]["count"])
+                                  for b in st.get("batch_stats", [])}}
+        return out
+    except Exception as e:  # tritonclient raises InferenceServerException for a refused connection
+        raise ServerError(f"no statistics from {url} ({e}). Start a server with: dgemma serve") from None
+    finally:
+        c.close()
+
+
 def cmd_client(args) -> int:
+    if args.stats:
+        s = stats(args.url)
+        if args.json:
+            print(json.dumps(s))
+        else:
+            for m, v in s.items():
+                sizes = ", ".join(f"{n}x{k}" for k, n in sorted(v["batches"].items())) or "-"
+                print(f"{m:<9} {v['requests']:6d} requests {v['executions']:6d} executions  batch sizes: {sizes}")
+        return 0
     if args.health:
         h = health(args.url)
         print(json.dumps(h) if args.json else
@@ -127,6 +157,8 @@ def add_parsers(sub) -> None:
     c.add_argument("--url", default="127.0.0.1:8001", help="gRPC host:port (dgemma serve prints it)")
     c.add_argument("--prompt")
     c.add_argument("--health", action="store_true", help="server and model readiness")
+    c.add_argument("--stats", action="store_true",
+                   help="per model: requests, executions, batch sizes (executions x size) from Triton's statistics")
     c.add_argument("--stream", action="store_true", help="one response per committed canvas")
     c.add_argument("--max-tokens", type=int)
     c.add_argument("--seed", type=int)

@@ -257,6 +257,9 @@ def test_client_cli_health_and_prompt(triton, capsys):
     assert json.loads(capsys.readouterr().out)["text_output"] == "1 1 2 3 3 4 5 5 6 9"
     assert main(["client", "--url", triton.grpc_url, "--prompt", ""]) == 2
     assert "text_input is empty" in capsys.readouterr().err
+    assert main(["client", "--url", triton.grpc_url, "--stats", "--json"]) == 0
+    st = json.loads(capsys.readouterr().out)
+    assert set(st) == {"dgemma", "encoder", "denoiser"} and st["dgemma"]["requests"] >= 1
 
 
 def test_infill_input_keeps_fixed_tokens(triton, capsys):

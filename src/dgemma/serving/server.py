@@ -124,14 +124,14 @@ class Server:
             return "(no log)"
 
     def stop(self, timeout_s: float = 15.0) -> None:
-        """SIGTERM to the server's PID (its stubs exit with it), SIGKILL after timeout_s."""
+        """SIGTERM to the server's PID (its stubs exit with it); after timeout_s SIGKILL to its process group."""
         if self.proc is None or self.proc.poll() is not None:
             return
         self.proc.send_signal(signal.SIGTERM)
         try:
             self.proc.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
+        except subprocess.TimeoutExpired:  # its own process group (start_new_session): the stubs go with it
+            os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait(5)
 
     def __enter__(self):

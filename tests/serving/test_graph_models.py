@@ -193,3 +193,35 @@ def test_recorder_reports_steps_canvases_outcomes():
     assert seen[("dgemma_requests_total", (("outcome", "cancelled"),))] == 1
     assert seen[("dgemma_requests_active", ())] == 0.0
     Recorder(None).canvas(1)  # no metrics (tests, plain runs): a no-op
+
+
+def test_torch_runner_matches_onnxruntime(runners):
+    """The torch python variant of the graph models (for GPUs without Triton's tensorrt backend; Triton-free here:
+    its DLPack path inside a server is not exercised on this CPU box) computes what the ONNX graphs compute."""
+    from dgemma.tiny import ensure_tiny
+
+    rng = np.random.default_rng(1)
+    for g in graphs.GRAPHS:
+        ref = runners[g]
+        tr = GraphRunner(g, "torch", checkpoint=ensure_tiny(), threads=1, precision="fp32")
+        assert [t.name for t in tr.inputs] == [t.name for t in ref.inputs]
+        feed = {}
+        for t in ref.inputs:
+            shape = [2 if d == graphs.BATCH else 5 if d == graphs.SEQ else 64 if d == graphs.KV_CAPACITY else d
+                     for d in t.dims]
+            if t.name in ("input_ids", "canvas_ids"):
+                feed[t.name] = rng.integers(0, ref.cfg.vocab_size, shape).astype(np.int64)
+            elif t.name == "position_ids":
+                feed[t.name] = (np.array([[10], [20]]) + np.arange(shape[1])[None]).astype(np.int64)
+            elif t.name == graphs.PAST_LENGTH:
+                feed[t.name] = np.array([10, 20], np.int64)
+            elif t.name == "temperature":
+                feed[t.name] = np.full(shape, 0.9, np.float32)
+            else:
+                feed[t.name] = (0.3 * rng.standard_normal(shape)).astype(np.float32)
+        want = ref.run(feed)
+        got = tr.run_batch([{k: torch.from_numpy(v[:1]) for k, v in feed.items()},
+                            {k: torch.from_numpy(v[1:]) for k, v in feed.items()}])
+        for o, w in zip([torch.cat(x) for x in zip(*got)], want):
+            assert o.shape == w.shape
+            assert float((o - torch.from_numpy(w)).abs().max()) <= 1e-4 * max(1.0, float(np.abs(w).max()))

@@ -57,11 +57,12 @@ def split_rows(arrays: Sequence[Any], rows: Sequence[int]) -> list[list[Any]]:
 
 
 class GraphRunner:
-    """One graph (`encoder` or `denoiser`) on ONNX Runtime (CPU, numpy in/out) or torch (the export wrappers over
-    the checkpoint, CUDA when visible; torch tensors in/out). `array_kind` tells model.py which to hand over."""
+    """One graph (`encoder` or `denoiser`) on ONNX Runtime (CPU, numpy in/out; precision from the ONNX manifest) or
+    torch (the export wrappers over the checkpoint cast to `precision`'s dtype, CUDA when visible; torch tensors
+    in/out). `array_kind` tells model.py which to hand over."""
 
     def __init__(self, graph: str, runtime: str, onnx_dir: str | Path | None = None,
-                 checkpoint: str | Path | None = None, threads: int | None = None):
+                 checkpoint: str | Path | None = None, threads: int | None = None, precision: str = "bf16"):
         if graph not in graphs.GRAPHS:
             raise ConfigError(f"unknown graph {graph!r}; valid: {', '.join(graphs.GRAPHS)}.")
         if runtime not in RUNTIMES:
@@ -87,9 +88,9 @@ class GraphRunner:
             if threads:
                 torch.set_num_threads(threads)
             device = "cuda" if torch.cuda.is_available() else "cpu"
-            model = load_checkpoint(Path(checkpoint), device=device).model.eval()
-            self.cfg = model.cfg
-            self.precision = "fp32" if model.dtype == torch.float32 else "bf16"
+            # the checkpoint in the dtype of the graphs' precision (what the rendered config declares)
+            model = load_checkpoint(Path(checkpoint), device=device, dtype=graphs.kv_dtype(precision)).model.eval()
+            self.cfg, self.precision = model.cfg, precision
             self._module = (EncoderGraph if graph == graphs.ENCODER else DenoiserGraph)(model).eval()
             self.device = torch.device(device)
             self.array_kind = "torch"
@@ -102,7 +103,8 @@ class GraphRunner:
         import torch
 
         with torch.no_grad():
-            args = [feed[t.name].to(self.device) for t in self.inputs]
+            dt = {"int64": torch.int64, "float32": torch.float32, "bfloat16": torch.bfloat16}
+            args = [feed[t.name].to(self.device, dt[t.dtype]) for t in self.inputs]
             return [o.contiguous() for o in self._module(*args)]
 
     def run_batch(self, feeds: Sequence[dict[str, Any]]) -> list[list[Any]]:

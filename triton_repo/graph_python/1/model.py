@@ -15,7 +15,8 @@ class TritonPythonModel:
     def initialize(self, args):
         p = model_parameters(args)
         self.runner = GraphRunner(p["graph"], p["runtime"], onnx_dir=p.get("onnx_dir") or None,
-                                  checkpoint=p["checkpoint"], threads=int(p["threads"]) if p.get("threads") else None)
+                                  checkpoint=p["checkpoint"], threads=int(p["threads"]) if p.get("threads") else None,
+                                  precision=p["graph_precision"])
         self.numpy = self.runner.array_kind == "numpy"
         if not self.numpy:
             from torch.utils.dlpack import from_dlpack

@@ -76,15 +76,21 @@ def _decode(result) -> dict:
     return d
 
 
+def served_models(c) -> list[str]:
+    """The dgemma models this server's repository holds (encoder/denoiser only where rendered), in MODELS order."""
+    from .serving.render import MODELS
+
+    names = {m["name"] for m in c.get_model_repository_index(as_json=True).get("models", [])}
+    return [m for m in MODELS if m in names]
+
+
 def health(url: str) -> dict:
     import tritonclient.grpc as grpcclient
-
-    from .serving.render import MODELS
 
     c = grpcclient.InferenceServerClient(url)
     try:
         return {"live": c.is_server_live(), "ready": c.is_server_ready(),
-                "models": {m: c.is_model_ready(m) for m in MODELS}}
+                "models": {m: c.is_model_ready(m) for m in served_models(c)}}
     except Exception as e:  # tritonclient raises InferenceServerException for a refused connection
         raise ServerError(f"no Triton server at {url} ({e}). Start one with: dgemma serve") from None
     finally:
@@ -95,12 +101,10 @@ def stats(url: str) -> dict:
     """Per model: requests, executions and executions by batch size (Triton's statistics over gRPC)."""
     import tritonclient.grpc as grpcclient
 
-    from .serving.render import MODELS
-
     c = grpcclient.InferenceServerClient(url)
     try:
         out = {}
-        for m in MODELS:
+        for m in served_models(c):
             st = c.get_inference_statistics(m, as_json=True)["model_stats"][0]
             out[m] = {"requests": int(st.get("inference_count", 0)), "executions": int(st.get("execution_count", 0)),
                       "batches": {int(b["batch_size"]): int(b["compute_infer"]["count"])

@@ -145,7 +145,7 @@ def test_slots_queue_in_order_refuse_beyond_and_free_on_release():
     order = []
 
     def waiter():
-        slots.acquire()
+        slots.acquire(on_queued=lambda: order.append("queued"))
         order.append("waiter")
         slots.release()
 
@@ -158,7 +158,7 @@ def test_slots_queue_in_order_refuse_beyond_and_free_on_release():
         slots.acquire()
     slots.release()
     t.join(2)
-    assert order == ["waiter"] and slots.in_use == 0 and slots.queued == 0
+    assert order == ["queued", "waiter"] and slots.in_use == 0 and slots.queued == 0
     slots.acquire()
     with pytest.raises(Cancelled, match="cancelled while queued"):
         slots.acquire(should_stop=lambda: True)

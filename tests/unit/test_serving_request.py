@@ -86,7 +86,7 @@ def test_render_every_profile(tmp_path, gpu):
     for p in PROFILES[gpu].precisions:
         if _hardware_rule(PROFILES[gpu], Precision(p)):
             continue
-        root = render(gpu, p.value, out=tmp_path / p.value, backends=False)
+        root = render(gpu, p.value, out=tmp_path / p.value, backends=False, backend="bls")
         for m in MODELS:
             text = (root / "models" / m / "config.pbtxt").read_text()
             assert "${" not in text and f'name: "{m}"' in text
@@ -127,7 +127,8 @@ def _io_names(text: str, block: str) -> list[str]:
 def test_render_graph_models_from_graphs_contract(tmp_path, gpu):
     """encoder/denoiser configs list exactly dgemma.graphs' tensors (names, dtypes, dims without batch), batch up to
     GpuProfile.max_batch with dynamic batching; engine auto picks ONNX Runtime on CPU and the torch python variant on
-    GPUs here (this Triton build has no tensorrt backend)."""
+    GPUs here (this Triton build has no tensorrt backend). On GPUs they are rendered for the bls loop only: next
+    to an in-process torch loop they would just hold a second copy of the weights."""
     from dgemma import graphs
     from dgemma.checkpoint import load_config
     from dgemma.serving.graph_models import TRITON_DTYPES
@@ -135,7 +136,12 @@ def test_render_graph_models_from_graphs_contract(tmp_path, gpu):
 
     prof = PROFILES[gpu]
     p = prof.precisions[0].value
-    root = render(gpu, p, out=tmp_path, backends=False)
+    plain = render(gpu, p, out=tmp_path / "default", backends=False)
+    loop = (plain / "models" / "dgemma" / "config.pbtxt").read_text()
+    want = "ort" if prof.sm == 0 else "torch"
+    assert f'key: "backend" value: {{ string_value: "{want}" }}' in loop
+    assert (plain / "models" / graphs.DENOISER).exists() == (prof.sm == 0)
+    root = render(gpu, p, out=tmp_path, backends=False, backend="bls")
     cfg = load_config(DEFAULT_CHECKPOINT)[0]
     for g in graphs.GRAPHS:
         text = (root / "models" / g / "config.pbtxt").read_text()

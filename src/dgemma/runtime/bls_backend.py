@@ -45,14 +45,14 @@ class BlsBackend(TrtBackend):
     def _run(self, graph: str, feed: dict[str, Tensor]) -> list[Tensor]:
         from torch.utils.dlpack import from_dlpack
 
+        from ..serving.graph_models import wire_shape
+
         pb = self._pb
         ins, outs = self._specs[graph]
         tensors = []
-        for t in ins:
+        for t in ins:  # [B] tensors travel as [B, 1] (config: dims [1], reshape [])
             x = feed[t.name].to(self.device, _DTYPES[t.dtype])
-            if len(t.dims) == 1:  # [B] tensors travel as [B, 1] (config: dims [1], reshape [])
-                x = x.reshape(-1, 1)
-            tensors.append(pb.Tensor.from_dlpack(t.name, x.contiguous()))
+            tensors.append(pb.Tensor.from_dlpack(t.name, x.reshape(wire_shape(t, x.shape)).contiguous()))
         resp = pb.InferenceRequest(model_name=self._names[graph], requested_output_names=[t.name for t in outs],
                                    inputs=tensors).exec()
         if resp.has_error():

@@ -293,7 +293,10 @@ class Slots:
     def queued(self) -> int:
         return len(self._waiting)
 
-    def acquire(self, should_stop: Callable[[], bool] | None = None, poll_s: float = 0.05) -> None:
+    def acquire(self, should_stop: Callable[[], bool] | None = None, poll_s: float = 0.05,
+                on_queued: Callable[[], None] | None = None) -> None:
+        """Take a slot; wait in line when none is free (on_queued() once in line). Raises Busy when the line is
+        full and Cancelled when should_stop() turns true while waiting."""
         with self._cv:
             if self.in_use < self.size and not self._waiting:
                 self.in_use += 1
@@ -304,6 +307,8 @@ class Slots:
                            "retry later.")
             me = object()
             self._waiting.append(me)
+            if on_queued is not None:
+                on_queued()
             try:
                 while not (self.in_use < self.size and self._waiting[0] is me):
                     if should_stop is not None and should_stop():
@@ -334,7 +339,6 @@ METRICS = {
     "dgemma_requests_active": ("gauge", "Requests generating now (slots in use)", None),
     "dgemma_requests_queued": ("gauge", "Requests waiting for a slot", None),
 }
-OUTCOMES = ("ok", "cancelled", "error", "busy")
 
 
 class Recorder:
@@ -368,12 +372,16 @@ class Recorder:
                 if canvases is not None:
                     self._get("dgemma_canvases_per_request").observe(float(canvases))
                 self._get("dgemma_requests_total", outcome=outcome).increment(1)
-                self.occupancy(slots)
+                self._occupancy(slots)
 
     def occupancy(self, slots: Slots) -> None:
         if self._make:
-            self._get("dgemma_requests_active").set(float(slots.in_use))
-            self._get("dgemma_requests_queued").set(float(slots.queued))
+            with self._lock:
+                self._occupancy(slots)
+
+    def _occupancy(self, slots: Slots) -> None:
+        self._get("dgemma_requests_active").set(float(slots.in_use))
+        self._get("dgemma_requests_queued").set(float(slots.queued))
 
 
 def timed(backend, recorder: Recorder):
@@ -410,7 +418,7 @@ def serve(engine, req: Request, send: Callable[[dict], None], should_stop: Calla
 
     t0 = time.perf_counter()
     try:
-        slots.acquire(should_stop)
+        slots.acquire(should_stop, on_queued=lambda: recorder.occupancy(slots))
     except Busy:
         recorder.finished(None, "busy", slots)
         raise

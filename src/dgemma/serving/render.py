@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[3]
 TEMPLATES = ROOT / "triton_repo"
 BUILD = ROOT / "build" / "triton"
 SRC = Path(dgemma.__file__).resolve().parents[1]  # the directory the stub must import dgemma from
-MODELS = ("dgemma", graphs.ENCODER, graphs.DENOISER)
+MODELS = ("dgemma", graphs.ENCODER, graphs.DENOISER)  # every model a repository can hold
 ENGINES = ("auto", "onnxruntime", "torch", "tensorrt")  # what computes the encoder/denoiser models
 GRAPH_TEMPLATE = {"onnxruntime": "graph_python", "torch": "graph_python", "tensorrt": "graph_tensorrt"}
 TEMPLATE_DIRS = ("dgemma", "graph_python", "graph_tensorrt")  # under triton_repo/
@@ -81,6 +81,13 @@ def pick_engine(engine: str, gpu) -> str:
     return "onnxruntime" if gpu.sm == 0 else "torch"
 
 
+def graph_models_rendered(backend: str, engine: str) -> bool:
+    """encoder/denoiser models are part of the repository when the loop calls them (bls) or they are ONNX Runtime
+    CPU models (small, and keep BLS one flag away); never as a second copy of the weights next to an in-process
+    torch/ORT loop on a GPU."""
+    return backend == "bls" or engine == "onnxruntime"
+
+
 def _io_blocks() -> dict[str, str]:
     inputs = [f'  {{ name: "{name}" data_type: {dtype} dims: [ 1 ]{" optional: true" if optional else ""} }}'
               for name, (dtype, optional) in INPUTS.items()]
@@ -101,8 +108,10 @@ def render(gpu: str = "cpu", precision: str = "bf16", checkpoint: str | Path | N
     """Write the model repository and backend directory; returns the output root (…/<gpu>/<precision>).
 
     backend: how the canvas loop computes (ort | torch in-process, bls through the encoder/denoiser models; default
-    CPU_BACKEND on GPU=cpu, bls on GPUs).
-    engine: what computes the encoder/denoiser models (auto, onnxruntime, torch, tensorrt).
+    CPU_BACKEND on GPU=cpu, bls where the graph models are TensorRT engines, else torch in-process).
+    engine: what computes the encoder/denoiser models (auto, onnxruntime, torch, tensorrt). They are rendered when
+    the loop uses them (bls) or when they are cheap ONNX Runtime CPU models; otherwise they would only hold a
+    second copy of the weights next to the in-process backend (`graph_models_rendered`).
     onnx_precision: which build/onnx/<p>/ the ONNX Runtime models read (default fp32 on the CPU profile, which
     ORT's CPU provider runs, else the target precision). max_batch: override GpuProfile.max_batch (canvases in
     flight = the dgemma model's slots = the graphs' max_batch_size)."""
@@ -111,10 +120,11 @@ def render(gpu: str = "cpu", precision: str = "bf16", checkpoint: str | Path | N
     from ..tiny import ensure_tiny
 
     target = resolve(gpu, precision)
-    backend = backend or (CPU_BACKEND if target.gpu.sm == 0 else "bls")
+    engine = pick_engine(engine, target.gpu)
+    backend = backend or (CPU_BACKEND if target.gpu.sm == 0 else "bls" if engine == "tensorrt" else "torch")
     if backend not in BACKENDS:
         raise ConfigError(f"unknown canvas loop backend {backend!r}; valid: {', '.join(BACKENDS)}.")
-    engine = pick_engine(engine, target.gpu)
+    rendered = ("dgemma", *(graphs.GRAPHS if graph_models_rendered(backend, engine) else ()))
     ck = Path(checkpoint).resolve() if checkpoint else ensure_tiny()
     if not (ck / "config.json").exists():
         raise ArtifactError(f"{ck}/config.json not found: --checkpoint must be a DiffusionGemma checkpoint dir.")
@@ -146,7 +156,7 @@ def render(gpu: str = "cpu", precision: str = "bf16", checkpoint: str | Path | N
     models = root / "models"
     if models.exists():
         shutil.rmtree(models)
-    for name in MODELS:
+    for name in rendered:
         src = templates / (GRAPH_TEMPLATE[engine] if name in graphs.GRAPHS else name)
         tmpl = (src / "config.pbtxt.tmpl").read_text()
         text = string.Template(tmpl).substitute(values[name])  # a missing key raises KeyError
@@ -161,7 +171,7 @@ def render(gpu: str = "cpu", precision: str = "bf16", checkpoint: str | Path | N
                                                            target.precision.value / f"{name}.plan")
     if not backends:
         return root
-    if engine == "onnxruntime":
+    if backend == "ort" or (engine == "onnxruntime" and len(rendered) > 1):
         check_graph_artifacts(onnx_dir)
     wd = wheel_dir()
     bk = root / "backends" / "python"
@@ -174,7 +184,7 @@ def render(gpu: str = "cpu", precision: str = "bf16", checkpoint: str | Path | N
     if not stub.exists():
         raise ArtifactError(f"{stub} not found: nvidia-pytriton 0.7.0 ships stubs for Python 3.8..3.13 only.")
     shutil.copy2(stub, bk / stub.name)
-    if engine == "tensorrt":
+    if engine == "tensorrt" and len(rendered) > 1:
         trt = triton_backend_dirs().get("tensorrt")
         if trt is None:
             raise ArtifactError("engine 'tensorrt' needs Triton's tensorrt backend (an NGC tritonserver build); "
@@ -188,7 +198,8 @@ def render(gpu: str = "cpu", precision: str = "bf16", checkpoint: str | Path | N
 def cmd_repo(args) -> int:
     root = render(args.gpu, args.precision, args.checkpoint, args.out, backend=args.backend, engine=args.engine,
                   max_batch=args.max_batch, backends=not args.config_only)
-    print(f"wrote {root}/models ({', '.join(MODELS)})" + ("" if args.config_only else f" and {root}/backends"))
+    names = sorted(p.name for p in (root / "models").iterdir())
+    print(f"wrote {root}/models ({', '.join(names)})" + ("" if args.config_only else f" and {root}/backends"))
     return 0
 
 
@@ -207,7 +218,7 @@ def add_render_args(p) -> None:
     """Flags shared by `dgemma repo` and `dgemma serve`."""
     p.add_argument("--backend", choices=BACKENDS,
                    help=f"how the canvas loop computes: ort/torch in-process, bls through the encoder/denoiser models "
-                        f"(default: {CPU_BACKEND} on GPU=cpu, bls on GPUs)")
+                        f"(default: {CPU_BACKEND} on GPU=cpu, bls over TensorRT engines, else torch)")
     p.add_argument("--engine", default="auto", choices=ENGINES,
                    help="what computes the encoder/denoiser models (auto: tensorrt_plan where Triton has the "
                         "tensorrt backend, onnxruntime on GPU=cpu, else torch)")

@@ -2,9 +2,8 @@
 
 Runs inside the Triton python model `dgemma`: each graph call becomes a `pb_utils.InferenceRequest(...).exec()`
 to the model named after the graph, with the graph's tensor names and dtypes from dgemma.graphs. The KV state
-stays here, in the dgemma model: fixed-capacity torch buffers appended with dgemma.runtime.kvbuf, exactly as
-TrtBackend keeps them (this class reuses TrtBackend's state handling and replaces its engine calls with BLS
-calls), on the CPU or a CUDA device, in fp32 or bf16 (tensors cross by DLPack). Every request drives its own
+stays here, in the dgemma model: GraphBackend's fixed-capacity torch buffers (the same state TrtBackend keeps;
+this class only supplies the graph call), on the CPU or a CUDA device, in fp32 or bf16 (tensors cross by DLPack). Every request drives its own
 B=1 sampler; the `denoiser` model's dynamic batcher merges concurrent requests' steps (equal shapes: capacity =
 max_context) into one graph call. Knows nothing of sampling.
 """
@@ -19,25 +18,24 @@ from torch import Tensor
 from .. import graphs
 from ..config import ModelConfig
 from ..errors import DgemmaError
-from .trt_backend import _DTYPES, TrtBackend
+from .graph_backend import DTYPES, GraphBackend
 
 
 class BlsError(DgemmaError):
     """A BLS request to the encoder or denoiser model failed (the model's message is included)."""
 
 
-class BlsBackend(TrtBackend):
+class BlsBackend(GraphBackend):
     def __init__(self, cfg: ModelConfig, precision: str, max_context: int, device: str | torch.device = "cpu",
                  pb_utils: Any = None, model_names: dict[str, str] | None = None, target: str = "?"):
         if pb_utils is None:
             import triton_python_backend_utils as pb_utils  # only inside a Triton python model
         self._pb = pb_utils
         self.cfg, self.precision = cfg, precision
-        self.vocab_size, self.canvas_length, self.hidden_size = cfg.vocab_size, cfg.canvas_length, cfg.hidden_size
         self.device = torch.device(device)
         self.max_context = max_context
-        self.manifest = {"gpu_profile": {"name": target}}  # named in TrtBackend's context-overflow message
-        self._kv_dtype = _DTYPES[graphs.kv_dtype(precision)]
+        self.limit_source = f"repository rendered for {target}"
+        self._setup()
         self._names = {g: (model_names or {}).get(g, g) for g in graphs.GRAPHS}
         self._specs = {g: (graphs.inputs(g, cfg, precision), graphs.outputs(g, cfg, precision)) for g in graphs.GRAPHS}
         self.calls = {g: 0 for g in graphs.GRAPHS}
@@ -51,7 +49,7 @@ class BlsBackend(TrtBackend):
         ins, outs = self._specs[graph]
         tensors = []
         for t in ins:  # [B] tensors travel as [B, 1] (config: dims [1], reshape [])
-            x = feed[t.name].to(self.device, _DTYPES[t.dtype])
+            x = feed[t.name].to(self.device, DTYPES[t.dtype])
             tensors.append(pb.Tensor.from_dlpack(t.name, x.reshape(wire_shape(t, x.shape)).contiguous()))
         resp = pb.InferenceRequest(model_name=self._names[graph], requested_output_names=[t.name for t in outs],
                                    inputs=tensors).exec()

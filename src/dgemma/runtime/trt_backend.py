@@ -2,8 +2,8 @@
 
 Owns `TrtBackend`: checks the engine manifest against this machine before deserializing (GPU compute
 capability, TensorRT flavour and version: an engine built for another GPU or TensorRT is refused with both
-sides named and the make command that rebuilds it), binds torch CUDA tensors by name from dgemma.graphs, and
-keeps the KV state in fixed-capacity torch buffers on the GPU (dgemma.runtime.kvbuf). Uses `tensorrt` where
+sides named and the make command that rebuilds it) and binds torch CUDA tensors by name from dgemma.graphs; the
+KV state and the Backend protocol come from GraphBackend (fixed-capacity torch buffers on the GPU). Uses `tensorrt` where
 importable, `tensorrt_rtx` otherwise (the flavour the engines were built with must match). Knows nothing of
 sampling.
 """
@@ -11,7 +11,6 @@ sampling.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -19,10 +18,8 @@ from torch import Tensor
 
 from .. import graphs
 from ..config import ModelConfig
-from ..errors import ArtifactError, ConfigError, RequestError
-from . import kvbuf
-
-_DTYPES = {"int64": torch.int64, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from ..errors import ArtifactError, ConfigError
+from .graph_backend import DTYPES, GraphBackend
 
 
 def read_engine_manifest(engine_dir: str | Path) -> dict:
@@ -71,14 +68,7 @@ def _import_trt():
                           "neither is importable. Use --backend ort (CPU) or --backend fast (CUDA, torch).") from None
 
 
-@dataclass
-class TrtState:
-    batch: int
-    lengths: list[int] = field(default_factory=list)
-    kv: list[Tensor] = field(default_factory=list)
-
-
-class TrtBackend:
+class TrtBackend(GraphBackend):
     def __init__(self, engine_dir: str | Path, max_context: int | None = None, device: int | str = 0):
         self.engine_dir = Path(engine_dir)
         m = read_engine_manifest(self.engine_dir)
@@ -99,10 +89,10 @@ class TrtBackend:
             raise ArtifactError(f"{self.engine_dir}: IO contract {m.get('contract_sha256')} differs from this dgemma's "
                                 f"{graphs.contract_hash(self.cfg, self.precision)}; rebuild with `make onnx` and "
                                 "`make engines`.")
-        self.vocab_size, self.canvas_length = self.cfg.vocab_size, self.cfg.canvas_length
-        self.hidden_size = self.cfg.hidden_size
         cap_max = m["gpu_profile"]["max_context"]
         self.max_context = min(max_context or cap_max, cap_max)
+        self.limit_source = f"engine profile {m['gpu_profile']['name']}"
+        self._setup()
         self._logger = trt.Logger(trt.Logger.WARNING)
         self._runtime = trt.Runtime(self._logger)
         self._engines, self._contexts = {}, {}
@@ -118,7 +108,6 @@ class TrtBackend:
             self._engines[g] = engine
             self._contexts[g] = self._context(engine, flavour, g)
         self._stream = torch.cuda.Stream(self.device)
-        self._kv_dtype = _DTYPES[graphs.kv_dtype(self.precision)]
 
     def _context(self, engine, flavour: str, graph: str):
         """Execution context; with TensorRT-RTX, a runtime cache (JIT-compiled kernels) kept beside the engines
@@ -143,38 +132,16 @@ class TrtBackend:
             tmp.write_bytes(bytes(cache.serialize()))
             tmp.replace(path)
 
-    # -- Backend protocol ---------------------------------------------------------------------------------------
-    def new_state(self, batch: int) -> TrtState:
-        kv = [torch.zeros(s, dtype=self._kv_dtype, device=self.device)
-              for s in kvbuf.shapes(self.cfg, batch, self.max_context)]
-        return TrtState(batch, [0] * batch, kv)
-
-    def length(self, state: TrtState) -> int:
-        return state.lengths[0]
-
-    def _check_room(self, state: TrtState, ids: Tensor) -> None:
-        if ids.shape[0] != state.batch:
-            raise RequestError(f"batch of {ids.shape[0]} rows, but the state was created for {state.batch}.")
-        if max(state.lengths) + ids.shape[1] > self.max_context:
-            raise RequestError(f"context of {max(state.lengths) + ids.shape[1]} tokens exceeds max_context="
-                               f"{self.max_context} (engine profile {self.manifest['gpu_profile']['name']}).")
-
-    def _common(self, state: TrtState, n: int) -> dict[str, Tensor]:
-        lengths = torch.tensor(state.lengths, dtype=torch.int64, device=self.device)
-        pos = lengths[:, None] + torch.arange(n, device=self.device)[None, :]
-        names = [t.name for t in graphs.past(self.cfg, self.precision)]
-        return {"position_ids": pos, graphs.PAST_LENGTH: lengths, **dict(zip(names, state.kv))}
-
     def _run(self, graph: str, feed: dict[str, Tensor]) -> list[Tensor]:
         ctx = self._contexts[graph]
         for t in graphs.inputs(graph, self.cfg, self.precision):
-            x = feed[t.name].to(self.device, _DTYPES[t.dtype]).contiguous()
+            x = feed[t.name].to(self.device, DTYPES[t.dtype]).contiguous()
             feed[t.name] = x  # keep alive until the stream is done
             ctx.set_input_shape(t.name, tuple(x.shape))
             ctx.set_tensor_address(t.name, x.data_ptr())
         outs = []
         for t in graphs.outputs(graph, self.cfg, self.precision):
-            y = torch.empty(tuple(ctx.get_tensor_shape(t.name)), dtype=_DTYPES[t.dtype], device=self.device)
+            y = torch.empty(tuple(ctx.get_tensor_shape(t.name)), dtype=DTYPES[t.dtype], device=self.device)
             ctx.set_tensor_address(t.name, y.data_ptr())
             outs.append(y)
         self._stream.wait_stream(torch.cuda.current_stream(self.device))
@@ -182,19 +149,3 @@ class TrtBackend:
             raise RuntimeError(f"TensorRT {graph} engine failed to execute (see the TensorRT log above).")
         torch.cuda.current_stream(self.device).wait_stream(self._stream)
         return outs
-
-    @torch.no_grad()
-    def encode(self, state: TrtState, ids: Tensor) -> None:
-        self._check_room(state, ids)
-        new = self._run(graphs.ENCODER, {"input_ids": ids, **self._common(state, ids.shape[1])})
-        state.lengths = kvbuf.append(self.cfg, state.kv, new, state.lengths)
-
-    @torch.no_grad()
-    def denoise(self, state: TrtState, canvas: Tensor, soft: Tensor | None, temperature: Tensor):
-        self._check_room(state, canvas)
-        b, c = canvas.shape
-        sc = torch.zeros(b, c, self.hidden_size, device=self.device) if soft is None else soft
-        temp = temperature.to(self.device, torch.float32).reshape(-1).expand(b)
-        logits, nxt = self._run(graphs.DENOISER, {"canvas_ids": canvas, "sc_embeds": sc, "temperature": temp,
-                                                  **self._common(state, c)})
-        return logits, nxt

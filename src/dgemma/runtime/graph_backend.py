@@ -1,0 +1,85 @@
+"""Backend over the two graphs of the IO contract with torch tensors, whatever executes them.
+
+Owns `GraphBackend`: the fixed-capacity KV state (torch buffers on the backend's device, per-row lengths,
+appended with dgemma.runtime.kvbuf), the feeds both graphs share (position_ids, past_length, the buffers) and
+the Backend protocol on top of one abstract call, `_run(graph, feed) -> outputs in contract order`.
+TrtBackend runs the feeds through TensorRT engines, BlsBackend through Triton BLS requests. Knows nothing of
+sampling.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from .. import graphs
+from ..config import ModelConfig
+from ..errors import RequestError
+from . import kvbuf
+
+DTYPES = {"int64": torch.int64, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class GraphState:
+    batch: int
+    lengths: list[int] = field(default_factory=list)  # cached tokens per row
+    kv: list[Tensor] = field(default_factory=list)  # past_key_0, past_value_0, ... buffers in contract order
+
+
+class GraphBackend:
+    """Subclasses set cfg, precision, device, max_context (then call _setup()) and implement _run."""
+
+    cfg: ModelConfig
+    precision: str
+    device: torch.device
+    max_context: int
+    limit_source: str = "max_context"  # named in the context-overflow message
+
+    def _setup(self) -> None:
+        self.vocab_size, self.canvas_length = self.cfg.vocab_size, self.cfg.canvas_length
+        self.hidden_size = self.cfg.hidden_size
+        self._kv_dtype = DTYPES[graphs.kv_dtype(self.precision)]
+
+    def _run(self, graph: str, feed: dict[str, Tensor]) -> list[Tensor]:
+        raise NotImplementedError
+
+    # -- Backend protocol ---------------------------------------------------------------------------------------
+    def new_state(self, batch: int) -> GraphState:
+        kv = [torch.zeros(s, dtype=self._kv_dtype, device=self.device)
+              for s in kvbuf.shapes(self.cfg, batch, self.max_context)]
+        return GraphState(batch, [0] * batch, kv)
+
+    def length(self, state: GraphState) -> int:
+        return state.lengths[0]
+
+    def _check_room(self, state: GraphState, ids: Tensor) -> None:
+        if ids.shape[0] != state.batch:
+            raise RequestError(f"batch of {ids.shape[0]} rows, but the state was created for {state.batch}.")
+        if max(state.lengths) + ids.shape[1] > self.max_context:
+            raise RequestError(f"context of {max(state.lengths) + ids.shape[1]} tokens exceeds max_context="
+                               f"{self.max_context} ({self.limit_source}).")
+
+    def _common(self, state: GraphState, n: int) -> dict[str, Tensor]:
+        lengths = torch.tensor(state.lengths, dtype=torch.int64, device=self.device)
+        pos = lengths[:, None] + torch.arange(n, device=self.device)[None, :]
+        names = [t.name for t in graphs.past(self.cfg, self.precision)]
+        return {"position_ids": pos, graphs.PAST_LENGTH: lengths, **dict(zip(names, state.kv))}
+
+    @torch.no_grad()
+    def encode(self, state: GraphState, ids: Tensor) -> None:
+        self._check_room(state, ids)
+        new = self._run(graphs.ENCODER, {"input_ids": ids, **self._common(state, ids.shape[1])})
+        state.lengths = kvbuf.append(self.cfg, state.kv, new, state.lengths)
+
+    @torch.no_grad()
+    def denoise(self, state: GraphState, canvas: Tensor, soft: Tensor | None, temperature: Tensor):
+        self._check_room(state, canvas)
+        b, c = canvas.shape
+        sc = torch.zeros(b, c, self.hidden_size, device=self.device) if soft is None else soft
+        temp = temperature.to(self.device, torch.float32).reshape(-1).expand(b)
+        logits, nxt = self._run(graphs.DENOISER, {"canvas_ids": canvas, "sc_embeds": sc, "temperature": temp,
+                                                  **self._common(state, c)})
+        return logits, nxt

@@ -11,6 +11,7 @@ STAMP := $(VENV)/.dgemma-installed
 
 SCENARIO ?= anchor,adaptive
 BACKEND ?= torch
+URL ?=
 BENCH_ARGS ?=
 LOADTEST_ARGS ?=
 
@@ -75,11 +76,13 @@ quantize: $(STAMP)
 profiles: $(STAMP)
 	$(PY) -m dgemma profiles
 
-# Benchmarks: one JSON per scenario under bench/results/<gpu>/<precision>/. GPU profiles default to
-# --checkpoint synthetic (full-size shapes, random weights); GPU=cpu runs the reduced form on the tiny model.
+# Benchmarks: one JSON per scenario under bench/results/<gpu>/<precision>/. BACKEND=torch|fast|ort|trt|triton;
+# in-process GPU profiles default to --checkpoint synthetic (full-size shapes, random weights); GPU=cpu runs the
+# reduced form on the tiny model. BACKEND=triton renders the repository and starts tritonserver (or URL=host:port).
+# docs/benchmarking.md: metric definitions, the Triton concurrency sweep, perf_analyzer and genai-perf.
 bench: $(STAMP)
 	$(PY) -m dgemma bench --gpu $(GPU) --precision $(PRECISION) --scenario $(SCENARIO) --backend $(BACKEND) \
-		$(if $(CKPT),--checkpoint $(CKPT)) $(BENCH_ARGS)
+		$(if $(CKPT),--checkpoint $(CKPT)) $(if $(URL),--url $(URL)) $(BENCH_ARGS)
 
 # `make report GPU=h100 PRECISION=fp8` -> bench/reports/h100-fp8.md + plots; without GPU: all results in one table.
 report: $(STAMP)

@@ -41,7 +41,8 @@ class Scenario:
     warmup: int = 1
     ar_baseline: bool = False
     ar_tokens: int = 128
-    batches: tuple[int, ...] = ()  # concurrency sweep (in-process batch until served through Triton)
+    batches: tuple[int, ...] = ()  # concurrency sweep: batch sizes in-process, concurrent requests through Triton
+    rounds: int = 2  # Triton sweep: each concurrency level sends level x rounds requests
     prompt_sweep: tuple[int, ...] = ()  # long-context sweep
 
     @classmethod
@@ -64,19 +65,25 @@ class Scenario:
                 data[k] = tuple(data[k])
         return cls(**data)
 
-    def fit(self, gpu: GpuProfile, cfg: ModelConfig) -> "Scenario":
-        """Clamp to the profile (the `cpu` profile runs every scenario in a reduced form on the tiny model)."""
+    def fit(self, gpu: GpuProfile, cfg: ModelConfig, served: bool = False) -> "Scenario":
+        """Clamp to the profile (the `cpu` profile runs every scenario in a reduced form on the tiny model).
+
+        In-process batches stop at GpuProfile.max_batch (KV buffers, engine profile). Served (Triton), the levels
+        are concurrent requests and go to 4 x max_batch: past max_batch requests queue, so the top levels show
+        where throughput saturates and latency starts to grow."""
         prompt = min(self.prompt_tokens, gpu.max_prompt)
         room = gpu.max_context - prompt
         new = max(cfg.canvas_length, min(self.max_new_tokens, (room // cfg.canvas_length) * cfg.canvas_length))
+        limit = 4 * gpu.max_batch if served else gpu.max_batch
         kw = dict(prompt_tokens=prompt, max_new_tokens=new,
-                  batches=tuple(b for b in self.batches if b <= gpu.max_batch),
+                  batches=tuple(b for b in self.batches if b <= limit),
                   prompt_sweep=tuple(p for p in self.prompt_sweep if p + cfg.canvas_length <= gpu.max_context))
         if gpu.sm == 0 and self.prompt_sweep:  # CPU: the same sweep shape, scaled to the profile's prompt limit
             kw["prompt_sweep"] = (gpu.max_prompt // 4, gpu.max_prompt // 2, gpu.max_prompt)
         if gpu.sm == 0:  # CPU: seconds, not minutes
             kw.update(repeats=1, warmup=0, ar_tokens=min(self.ar_tokens, 8), steps=min(self.steps, 8),
-                      batches=tuple(b for b in kw["batches"] if b <= 2)[:2])
+                      rounds=min(self.rounds, 2),
+                      batches=kw["batches"] if served else tuple(b for b in kw["batches"] if b <= 2)[:2])
         return replace(self, **kw)
 
     def sampler(self, base: SamplerConfig) -> SamplerConfig:
@@ -116,6 +123,8 @@ def derive(trace: list[dict], committed_tokens: int, batch: int = 1) -> dict:
         elif e["kind"] == "canvas":
             per_canvas.append(cur)
             cur = 0
+    later = sum(per_canvas[1:])  # steps after the first canvas: the inter-canvas time per step (Triton's view)
+    inter = 1e3 * (canvases[-1]["t1"] - canvases[0]["t1"]) / later if len(canvases) > 1 and later else None
     return {
         "committed_tokens": committed_tokens,
         "batch": batch,
@@ -135,6 +144,7 @@ def derive(trace: list[dict], committed_tokens: int, batch: int = 1) -> dict:
         "steps_per_canvas": per_canvas,
         "mean_steps_per_canvas": statistics.fmean(per_canvas),
         "tokens_per_forward": committed_tokens / batch / len(steps),
+        "inter_canvas_ms_per_step": inter,
         "step_latencies_ms": [round(x, 4) for x in step_ms],
     }
 
@@ -184,9 +194,10 @@ def roofline(cfg: ModelConfig, precision: Precision, prefix: int, hbm_gbs: float
 class TimedBackend(BackendWrapper):
     """Wraps a Backend and records a timing trace (synchronising the device around each call)."""
 
-    def __init__(self, inner, trace: list[dict]):
+    def __init__(self, inner, trace: list[dict], pad_token_id: int | None = None):
         super().__init__(inner)
         self.trace = trace
+        self.pad = pad_token_id
         self._encodes = 0
         self._step_t0 = None
 
@@ -215,8 +226,9 @@ class TimedBackend(BackendWrapper):
     def step_done(self, _event):
         self.trace.append({"kind": "step", "t0": self._step_t0, "t1": self._now()})
 
-    def canvas_done(self, _i, _committed):
-        self.trace.append({"kind": "canvas", "t0": None, "t1": self._now()})
+    def canvas_done(self, _i, committed):
+        n = None if self.pad is None else int((committed != self.pad).sum())  # committed non-pad tokens
+        self.trace.append({"kind": "canvas", "t0": None, "t1": self._now(), "tokens": n})
 
 
 def random_prompt(batch: int, length: int, vocab: int, seed: int, device) -> torch.Tensor:
@@ -226,9 +238,10 @@ def random_prompt(batch: int, length: int, vocab: int, seed: int, device) -> tor
     return torch.randint(lo, vocab, (batch, length), generator=g).to(device)
 
 
-def run_generation(backend, prompt, sampler: SamplerConfig, seed: int, progress=None) -> dict:
+def run_generation(backend, prompt, sampler: SamplerConfig, seed: int, progress=None, return_result=False):
+    """One timed generation -> derived metrics (and the GenerateResult when return_result)."""
     trace: list[dict] = []
-    tb = TimedBackend(backend, trace)
+    tb = TimedBackend(backend, trace, sampler.pad_token_id)
     if backend.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(backend.device)
 
@@ -244,7 +257,7 @@ def run_generation(backend, prompt, sampler: SamplerConfig, seed: int, progress=
     m["tokens_per_forward_sampler"] = float(res.tokens_per_forward.float().mean())
     if backend.device.type == "cuda":
         m["peak_gpu_memory_gib"] = torch.cuda.max_memory_allocated(backend.device) / 1024**3
-    return m
+    return (m, res) if return_result else m
 
 
 def run_ar_baseline(backend, prompt, tokens: int) -> dict:
@@ -266,15 +279,34 @@ def run_ar_baseline(backend, prompt, tokens: int) -> dict:
             "ms_per_token": 1e3 * dt / tokens}
 
 
-def console_progress(scenario: str):
+SUMMARY_KEYS = ("generation_tok_s", "e2e_tok_s", "time_to_first_canvas_ms", "step_ms_p50", "step_ms_p99",
+                "denoise_ms_p50", "commit_ms_mean", "prefill_ms", "mean_steps_per_canvas", "tokens_per_forward")
+
+
+def summarize(runs: list[dict]) -> dict:
+    """Median over runs of every summary metric; a metric no run observed is None."""
+    out = {}
+    for k in SUMMARY_KEYS:
+        xs = [r[k] for r in runs if r.get(k) is not None]
+        out[k] = statistics.median(xs) if xs else None
+    return out
+
+
+def console_progress(scenario: str, every_s: float = 0.2):
+    """on_step hook printing, at most every `every_s`, one stderr line: scenario, canvas/step, ms per step and
+    the running generation tok/s (committed non-pad tokens so far / time since the first step)."""
+    last = [0.0]
+
     def show(ev, trace):
+        now = trace[-1]["t1"]
+        if now - last[0] < every_s:
+            return
+        last[0] = now
         steps = [e for e in trace if e["kind"] == "step"]
-        first = steps[0]["t0"]
-        canv = sum(1 for e in trace if e["kind"] == "canvas")
-        el = trace[-1]["t1"] - first
-        print(f"\r  [{scenario}] canvas {ev.canvas + 1} step {ev.step:2d} | {len(steps)} steps "
-              f"{1e3 * el / len(steps):6.1f} ms/step | committed canvases {canv}", end="", file=sys.stderr,
-              flush=True)
+        tokens = sum(e.get("tokens") or 0 for e in trace if e["kind"] == "canvas")
+        el = now - steps[0]["t0"]
+        print(f"\r  [{scenario}] canvas {ev.canvas + 1} step {ev.step:2d} | {1e3 * el / len(steps):7.2f} ms/step | "
+              f"running {tokens / el:9.1f} tok/s", end="", file=sys.stderr, flush=True)
     return show
 
 
@@ -291,21 +323,16 @@ def run_scenario(backend, cfg: ModelConfig, base: SamplerConfig, sc: Scenario, s
     for r in range(sc.repeats):
         prompt = random_prompt(sc.batch, sc.prompt_tokens, cfg.vocab_size, seed + r, dev)
         out["runs"].append(run_generation(backend, prompt, sampler, seed + r, prog))
-    if prog:
-        print(file=sys.stderr)
-    keys = ("generation_tok_s", "e2e_tok_s", "time_to_first_canvas_ms", "step_ms_p50", "step_ms_p99",
-            "denoise_ms_p50", "commit_ms_mean", "prefill_ms", "mean_steps_per_canvas", "tokens_per_forward")
-    out["metrics"] = {k: statistics.median(r[k] for r in out["runs"] if r[k] is not None)
-                      for k in keys if any(r[k] is not None for r in out["runs"])}
+    out["metrics"] = summarize(out["runs"])
     if any("peak_gpu_memory_gib" in r for r in out["runs"]):
         out["metrics"]["peak_gpu_memory_gib"] = max(r.get("peak_gpu_memory_gib", 0) for r in out["runs"])
-    if sc.batches:
+    if sc.batches:  # in-process: the batch sweep (bench_triton sweeps concurrent gRPC requests instead)
         out["concurrency"] = []
         for b in sc.batches:  # one warm-up canvas per batch size: graph capture stays out of the timing
             run_generation(backend, random_prompt(b, sc.prompt_tokens, cfg.vocab_size, seed, dev),
                            sampler.replace(max_new_tokens=cfg.canvas_length), seed)
             m = run_generation(backend, random_prompt(b, sc.prompt_tokens, cfg.vocab_size, seed + b, dev),
-                               sampler, seed, None)
+                               sampler, seed, prog)
             out["concurrency"].append({"batch": b, "tok_s": m["generation_tok_s"], "requests_s": b / m["e2e_s"],
                                        "step_ms_p50": m["step_ms_p50"], "e2e_tok_s": m["e2e_tok_s"]})
     if sc.prompt_sweep:
@@ -314,9 +341,11 @@ def run_scenario(backend, cfg: ModelConfig, base: SamplerConfig, sc: Scenario, s
             run_generation(backend, random_prompt(1, p, cfg.vocab_size, seed, dev),
                            sampler.replace(max_new_tokens=cfg.canvas_length, max_denoising_steps=1), seed)
             m = run_generation(backend, random_prompt(1, p, cfg.vocab_size, seed + p, dev),
-                               sampler.replace(max_new_tokens=cfg.canvas_length), seed, None)
+                               sampler.replace(max_new_tokens=cfg.canvas_length), seed, prog)
             out["long_context"].append({"prompt_tokens": p, "prefill_ms": m["prefill_ms"],
                                         "step_ms_p50": m["step_ms_p50"], "generation_tok_s": m["generation_tok_s"]})
+    if prog:
+        print(file=sys.stderr)
     if sc.ar_baseline:
         ar = run_ar_baseline(backend, random_prompt(1, sc.prompt_tokens, cfg.vocab_size, seed, dev), sc.ar_tokens)
         out["ar_baseline"] = ar

@@ -205,64 +205,6 @@ def make_backend(name: str, model, precision: str, max_context: int | None):
     raise ConfigError(f"unknown backend {name!r}; valid here: torch, fast, ort (trt/triton arrive with their stages).")
 
 
-def cmd_bench(args) -> int:
-    import datetime
-    import os
-    import tempfile
-
-    import torch
-
-    from .bench import Scenario, roofline, run_scenario
-    from .profiles import resolve
-    from .telemetry import Telemetry, environment
-
-    target = resolve(args.gpu, args.precision)
-    device = args.device or ("cuda" if target.gpu.sm else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"--device {device} but no CUDA GPU is visible; run GPU=cpu for the CPU form.")
-    scenarios = [Scenario.load(s.strip()) for s in args.scenario.split(",") if s.strip()]
-    checkpoint = args.checkpoint or (SYNTHETIC if target.gpu.sm else None)
-    model, cfg, base, _tok = load_model(checkpoint, device, "bfloat16" if checkpoint == SYNTHETIC else None)
-    max_context = target.gpu.max_context if target.gpu.sm else None
-    backend = make_backend(args.backend, model, target.precision.value, max_context)
-    env = environment(torch.device(device))
-    out_dir = Path(args.out) / target.gpu.name / target.precision.value
-    out_dir.mkdir(parents=True, exist_ok=True)
-    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    written = []
-    for sc in scenarios:
-        sc = sc.fit(target.gpu, cfg)
-        print(f"== {sc.name}: {sc.description}", file=sys.stderr)
-        with Telemetry(torch.device(device)) as tel:
-            res = run_scenario(backend, cfg, base, sc, seed=_int_arg("--seed", args.seed, 0, 2**31 - 1))
-        hbm = args.measured_gbs or target.gpu.hbm_gbs
-        roof = roofline(cfg, target.precision, sc.prompt_tokens + sc.max_new_tokens // 2, hbm, sc.batch)
-        m = res["metrics"]
-        if m.get("denoise_ms_p50") and roof["step_floor_ms"] == roof["step_floor_ms"]:
-            roof["measured_over_floor"] = m["denoise_ms_p50"] / roof["step_floor_ms"]
-        record = {
-            "schema": 1, "timestamp": stamp, "scenario": sc.__dict__, "gpu_profile": target.gpu.__dict__,
-            "precision": target.precision.value, "backend": args.backend,
-            "checkpoint": checkpoint or "tiny-default", "model": cfg.to_hf_dict()["text_config"] | {
-                "canvas_length": cfg.canvas_length, "param_count": cfg.param_count()},
-            "environment": env, "telemetry": tel.summary(), "roofline": roof, **res,
-        }
-        path = out_dir / f"{stamp}-{env['git_commit']}-{sc.name}-{args.backend}.json"
-        fd, tmp = tempfile.mkstemp(dir=out_dir, suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
-            json.dump(record, f, indent=1, default=str)
-        os.replace(tmp, path)
-        written.append(path)
-        ar = m.get("diffusion_over_ar")
-        print(f"{sc.name:<13} gen {m['generation_tok_s']:9.1f} tok/s | step p50 {m['step_ms_p50']:8.2f} ms "
-              f"(denoise {m['denoise_ms_p50']:.2f}, floor {roof['step_floor_ms']:.2f}) | steps/canvas "
-              f"{m['mean_steps_per_canvas']:.1f} | TPF {m['tokens_per_forward']:.2f}"
-              + (f" | x{ar:.2f} vs AR" if ar else ""))
-    for p in written:
-        print(f"wrote {p}", file=sys.stderr)
-    return 0
-
-
 def cmd_report(args) -> int:
     from .report import RESULTS, REPORTS, comparison_report, gpu_report
 
@@ -309,17 +251,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--precision", default="bf16", help="bf16 | fp8 (fast) | fp32 (ort reference graphs)")
     g.set_defaults(func=cmd_generate)
 
-    b = sub.add_parser("bench", help="run benchmark scenarios (bench/scenarios/*.toml), write JSON results")
-    b.add_argument("--gpu", default="cpu")
-    b.add_argument("--precision", default="bf16")
-    b.add_argument("--scenario", default="anchor,adaptive", help="comma-separated names or .toml paths")
-    b.add_argument("--backend", default="torch", help="torch | fast")
-    b.add_argument("--checkpoint", help=f"checkpoint dir, or '{SYNTHETIC}' (default on a GPU profile)")
-    b.add_argument("--device", help="default: cuda for GPU profiles, cpu for 'cpu'")
-    b.add_argument("--seed", default="0")
-    b.add_argument("--measured-gbs", type=float, help="use a measured copy bandwidth for the roofline")
-    b.add_argument("--out", default=str(Path(__file__).resolve().parents[2] / "bench" / "results"))
-    b.set_defaults(func=cmd_bench)
+    from . import bench_cli
+
+    bench_cli.add_parsers(sub)
 
     r = sub.add_parser("report", help="markdown + plots from bench results (one GPU, or all of them)")
     r.add_argument("--gpu")

@@ -61,6 +61,27 @@ def _fmt(x, nd=1):
     return "–" if x is None else (f"{x:,.{nd}f}" if isinstance(x, (int, float)) else str(x))
 
 
+def _ratio(a, b):
+    return a / b if a is not None and b and b == b else None
+
+
+def _concurrency_table(r: dict) -> list[str]:
+    if "concurrency" not in r["concurrency"][0]:  # in-process batch sweep
+        return ["", "| batch | gen tok/s | requests/s | step p50 ms |", "|---|---|---|---|"] + [
+            f"| {c['batch']} | {_fmt(c['tok_s'])} | {_fmt(c['requests_s'], 3)} | {_fmt(c['step_ms_p50'], 2)} |"
+            for c in r["concurrency"]]
+    rows = ["", f"Through Triton gRPC ({r['backend']}, closed loop, each level sends level x "
+                f"{r['scenario'].get('rounds', '?')} requests):", "",
+            "| concurrency | requests | requests/s | tok/s | latency p50 / p99 ms | TTFC p50 / p99 ms | answers |",
+            "|---|---|---|---|---|---|---|"]
+    for c in r["concurrency"]:
+        ok = "all correct" if c["all_correct"] else f"**{len(c['problems'])}+ wrong**"
+        rows.append(f"| {c['concurrency']} | {c['requests']} | {_fmt(c['requests_s'], 2)} | {_fmt(c['tok_s'])} | "
+                    f"{_fmt(c['latency_ms_p50'])} / {_fmt(c['latency_ms_p99'])} | {_fmt(c['ttfc_ms_p50'])} / "
+                    f"{_fmt(c['ttfc_ms_p99'])} | {ok} |")
+    return rows
+
+
 def _plots(recs: list[dict], stem: str, out_dir: Path) -> list[str]:
     import matplotlib
 
@@ -69,14 +90,31 @@ def _plots(recs: list[dict], stem: str, out_dir: Path) -> list[str]:
 
     written = []
     conc = [r for r in recs if r.get("concurrency")]
-    if conc:
-        r = conc[-1]
-        fig, ax = plt.subplots(figsize=(5, 3.2))
-        ax.plot([c["batch"] for c in r["concurrency"]], [c["tok_s"] for c in r["concurrency"]], "o-")
-        ax.set_xlabel("concurrent sequences (batch)"), ax.set_ylabel("generation tok/s"), ax.set_xscale("log", base=2)
-        ax.set_title("throughput vs concurrency"), fig.tight_layout()
+    if conc:  # in-process entries sweep the batch, Triton entries the concurrent gRPC requests
+        served = [r for r in conc if "concurrency" in r["concurrency"][0]]
+        fig, axes = plt.subplots(1, 2 if served else 1, figsize=(9.5 if served else 5, 3.2), squeeze=False)
+        ax = axes[0][0]
+        for r in conc:
+            level = [c.get("concurrency", c.get("batch")) for c in r["concurrency"]]
+            mode = "concurrent requests" if "concurrency" in r["concurrency"][0] else "batch"
+            ax.plot(level, [c["tok_s"] for c in r["concurrency"]], "o-", label=f"{r['backend']} ({mode})")
+        ax.set_xlabel("concurrency (gRPC requests in flight, or batch)"), ax.set_ylabel("tok/s"), ax.set_ylim(bottom=0)
+        ax.legend(fontsize=7), ax.set_title("throughput vs concurrency")
+        if served:
+            ax = axes[0][1]
+            for r in served:
+                level = [c["concurrency"] for c in r["concurrency"]]
+                ax.plot(level, [c["latency_ms_p50"] for c in r["concurrency"]], "o-", label=f"{r['backend']} p50")
+                ax.plot(level, [c["latency_ms_p99"] for c in r["concurrency"]], "s--", label=f"{r['backend']} p99")
+            ax.set_xlabel("concurrent gRPC requests"), ax.set_ylabel("request latency (ms)"), ax.set_ylim(bottom=0)
+            ax.legend(fontsize=7), ax.set_title("latency vs concurrency")
+        levels = sorted({c.get("concurrency", c.get("batch")) for r in conc for c in r["concurrency"]})
+        for ax in axes[0]:
+            ax.set_xscale("log", base=2), ax.set_xticks(levels, [str(x) for x in levels]), ax.minorticks_off()
+        fig.tight_layout()
         written.append(_save(fig, out_dir / f"{stem}-concurrency.png"))
-    lat = [(f"{r['scenario']['name']}/{r['backend']}", r["runs"][-1]["step_latencies_ms"]) for r in recs if r.get("runs")]
+    lat = [(f"{r['scenario']['name']}/{r['backend']}", r["runs"][-1]["step_latencies_ms"]) for r in recs
+           if r.get("runs") and r["runs"][-1].get("step_latencies_ms")]  # not observable through Triton
     if lat:
         fig, ax = plt.subplots(figsize=(5, 3.2))
         for name, xs in lat:
@@ -92,7 +130,7 @@ def _plots(recs: list[dict], stem: str, out_dir: Path) -> list[str]:
         ax.set_xlabel("canvas"), ax.set_ylabel("denoising steps"), ax.legend(fontsize=7)
         ax.set_title("steps per canvas"), fig.tight_layout()
         written.append(_save(fig, out_dir / f"{stem}-steps-per-canvas.png"))
-    anchor_runs = [r for r in recs if r["scenario"]["name"] == "anchor"]
+    anchor_runs = [r for r in recs if r["scenario"]["name"] == "anchor" and r["metrics"].get("generation_tok_s")]
     if anchor_runs:
         r = max(anchor_runs, key=lambda x: x["metrics"]["generation_tok_s"])
         key = (r["gpu_profile"]["name"], r["precision"])
@@ -145,7 +183,7 @@ def gpu_report(gpu: str, precision: str, results_dir: Path = RESULTS, out_dir: P
             f"{_fmt(m['step_ms_p50'], 2)} / {_fmt(m['step_ms_p99'], 2)} | {_fmt(m['denoise_ms_p50'], 2)} | "
             f"{_fmt(m.get('commit_ms_mean'), 2)} | {_fmt(m['prefill_ms'])} | {_fmt(m['time_to_first_canvas_ms'])} | "
             f"{_fmt(m['mean_steps_per_canvas'])} | {_fmt(m['tokens_per_forward'], 2)} | {_fmt(rf['step_floor_ms'], 2)} | "
-            f"{_fmt(m['step_ms_p50'] / rf['step_floor_ms'] if rf['step_floor_ms'] == rf['step_floor_ms'] else None, 2)} | "
+            f"{_fmt(_ratio(m['step_ms_p50'], rf['step_floor_ms']), 2)} | "
             f"{_fmt(m.get('diffusion_over_ar'), 2)} |")
     anchors = anchors_for(gpu, precision)
     if anchors:
@@ -161,13 +199,23 @@ def gpu_report(gpu: str, precision: str, results_dir: Path = RESULTS, out_dir: P
             lines.append(f"\nAR baseline ({r['backend']}): {a['tok_s']:.1f} tok/s ({a['ms_per_token']:.2f} ms/token, "
                          "greedy, one token per encoder pass, same backend and precision).")
         if r.get("concurrency"):
-            lines += ["", "| batch | gen tok/s | requests/s | step p50 ms |", "|---|---|---|---|"]
-            lines += [f"| {c['batch']} | {_fmt(c['tok_s'])} | {_fmt(c['requests_s'], 3)} | {_fmt(c['step_ms_p50'], 2)} |"
-                      for c in r["concurrency"]]
+            lines += _concurrency_table(r)
+        if r.get("triton_overhead", {}).get("available"):
+            o = r["triton_overhead"]
+            lines.append(f"\nTriton overhead ({r['scenario']['name']}, {o['requests']} requests, same prompts and seeds "
+                         f"in-process, one at a time): **x{o['ratio_per_request']:.2f} per request** "
+                         f"({_fmt(o['e2e_ms_triton_p50'])} vs {_fmt(o['e2e_ms_in_process_p50'])} ms, "
+                         f"{_fmt(o['overhead_ms_per_request'])} ms), {_fmt(o['overhead_ms_per_step'], 2)} ms per "
+                         f"denoising step" + (f", x{o['ratio_per_step']:.2f} inter-canvas time per step"
+                                              if o.get("ratio_per_step") else "") + ".")
         if r.get("long_context"):
             lines += ["", "| prompt tokens | prefill ms | step p50 ms | gen tok/s |", "|---|---|---|---|"]
             lines += [f"| {c['prompt_tokens']} | {_fmt(c['prefill_ms'])} | {_fmt(c['step_ms_p50'], 2)} | "
                       f"{_fmt(c['generation_tok_s'])} |" for c in r["long_context"]]
+    if any(r["backend"] == "triton" for r in recs):
+        lines += ["", "Triton rows are measured by a gRPC client (streaming, one response per committed canvas): "
+                  "per-step, denoise, commit and prefill times are not observable there (–); gen tok/s is the "
+                  "inter-canvas rate (canvas length / mean time between canvases)."]
     tel = recs[-1]["telemetry"]
     lines += ["", "GPU telemetry: " + (
         f"{tel['samples']} samples, util mean {tel['gpu_util']['mean']:.0f}%, SM clock mean "

@@ -102,13 +102,40 @@ def test_bench_bad_inputs(tmp_path, capsys):
     assert "unknown keys ['bogus']" in capsys.readouterr().err
 
 
+def _add_triton_record(d):
+    """A Triton-shaped result next to real in-process ones (schema of bench_triton.run_served_scenario)."""
+    from dgemma.bench import summarize
+    from dgemma.bench_triton import UNOBSERVED, level_metrics, overhead, request_metrics
+
+    rec = json.loads(next(d.glob("*-anchor-torch.json")).read_text())
+    run = request_metrics(_timed(), 32)
+    run["problems"] = []
+    rows = []
+    for t0, end in [(0.0, 0.41), (0.0, 0.41), (0.4, 0.81), (0.4, 0.81)]:
+        m = request_metrics(_timed(t_send=t0, arrivals=(t0 + 0.1, t0 + 0.15, t0 + 0.2, end)), 32)
+        m["problems"] = []
+        rows.append(m)
+    rec.update(backend="triton", runs=[run], metrics=summarize([run]), unobserved=UNOBSERVED,
+               concurrency=[level_metrics(1, rows[:1], 0.0, 0.41), level_metrics(2, rows, 0.0, 0.81)],
+               triton_overhead=overhead([(run, {"e2e_s": 0.105, "steps_per_canvas": [4, 5, 5],
+                                                "inter_canvas_ms_per_step": 8.0})]),
+               ar_baseline={"available": False, "reason": "in-process only"})
+    rec["scenario"]["name"] = "concurrency"
+    (d / "20990101T000000Z-test-concurrency-triton.json").write_text(json.dumps(rec))
+
+
 def test_report_markdown_and_plots(tmp_path, tiny_dir, capsys):
     res = tmp_path / "results"
     assert main(["bench", "--gpu", "cpu", "--checkpoint", str(tiny_dir), "--scenario", "anchor,concurrency",
                  "--out", str(res)]) == 0
+    _add_triton_record(res / "cpu" / "bf16")
     assert main(["report", "--gpu", "cpu", "--results", str(res), "--out", str(tmp_path / "rep")]) == 0
     md = (tmp_path / "rep" / "cpu-bf16.md").read_text()
     assert "| anchor | torch |" in md and "not collected: no GPU" in md and "| batch | gen tok/s |" in md
+    # the Triton concurrency sweep: its table, the overhead line, unobserved columns shown as –
+    assert "| concurrency | requests | requests/s | tok/s | latency p50 / p99 ms |" in md
+    assert "| 2 | 4 | 4.94 | 474.1 | 410.0 / 410.0 |" in md and "**x2.00 per request**" in md
+    assert "| concurrency | triton | 640.0 | 457.1 | – / – | – |" in md
     for png in ("cpu-bf16-step-latency.png", "cpu-bf16-steps-per-canvas.png", "cpu-bf16-concurrency.png",
                 "cpu-bf16-vs-anchors.png"):
         assert (tmp_path / "rep" / png).stat().st_size > 1000 and f"]({png})" in md
@@ -117,3 +144,98 @@ def test_report_markdown_and_plots(tmp_path, tiny_dir, capsys):
     assert main(["report", "--gpu", "h100", "--precision", "fp8", "--results", str(res),
                  "--out", str(tmp_path / "rep")]) == 2
     assert "make bench GPU=h100 PRECISION=fp8" in capsys.readouterr().err
+
+
+# -- Triton (gRPC client side): arithmetic on synthetic timelines ------------------------------------------------
+def _timed(t_send=0.0, arrivals=(0.10, 0.15, 0.20, 0.21), steps=(4, 5, 5), tokens=96, canvases=3):
+    from dgemma.bench_triton import Timed
+
+    t = Timed("p", 0, t_send=t_send)
+    for i, at in enumerate(arrivals[:-1]):  # one response per committed canvas, then the statistics
+        t.responses.append({"text_output": f"c{i} ", "canvas_index": i, "canvases": i + 1,
+                            "steps_per_canvas": list(steps[: i + 1]), "tokens_per_forward": 0.0})
+        t.t_responses.append(at)
+    t.responses.append({"text_output": "", "canvas_index": canvases, "canvases": canvases,
+                        "steps_per_canvas": list(steps), "tokens_per_forward": tokens / sum(steps)})
+    t.t_responses.append(arrivals[-1])
+    t.t_done = arrivals[-1]
+    return t
+
+
+def test_served_request_metrics_on_a_synthetic_timeline():
+    from dgemma.bench_triton import UNOBSERVED, request_metrics
+
+    m = request_metrics(_timed(), canvas_length=32)
+    assert m["committed_tokens"] == 96 and m["canvases"] == 3 and m["steps_per_canvas"] == [4, 5, 5]
+    assert m["e2e_s"] == pytest.approx(0.21) and m["e2e_tok_s"] == pytest.approx(96 / 0.21)
+    assert m["time_to_first_canvas_ms"] == pytest.approx(100)
+    # inter-canvas rate: 2 canvases of 32 between the first (0.10) and the last (0.20) arrival
+    assert m["generation_tok_s"] == pytest.approx(640) and m["step_ms_mean"] == pytest.approx(10)  # 100 ms / 10 steps
+    assert m["text"] == "c0 c1 c2 " and m["mean_steps_per_canvas"] == pytest.approx(14 / 3)
+    for k in UNOBSERVED:  # not observable through gRPC: None, never invented
+        assert m[k] is None
+    one = request_metrics(_timed(arrivals=(0.1, 0.11), steps=(4,), tokens=32, canvases=1), 32)
+    assert one["generation_tok_s"] is None and one["step_ms_mean"] is None and one["committed_tokens"] == 32
+
+
+def test_served_checks_level_metrics_and_overhead():
+    from dgemma.bench_triton import Timed, check_answer, level_metrics, overhead, request_metrics
+
+    ok = request_metrics(_timed(), 32)
+    assert check_answer(ok, canvases=3, canvas_length=32, max_steps=8, ref={"committed_tokens": 96}) == []
+    assert "in-process generation has 95" in check_answer(ok, 3, 32, 8, {"committed_tokens": 95})[0]
+    assert "expected 4" in check_answer(ok, 4, 32, 8, None)[0]
+    assert "outside 1..4" in check_answer(ok, 3, 32, 4, None)[0]
+    failed = request_metrics(Timed("p", 0, error="boom"), 32)
+    assert check_answer(failed, 3, 32, 8, None) == ["boom"] and failed["committed_tokens"] == 0
+
+    rows = []
+    for i, (t0, end) in enumerate([(0.0, 0.21), (0.0, 0.41), (0.2, 0.61), (0.4, 0.81)]):
+        m = request_metrics(_timed(t_send=t0, arrivals=(t0 + 0.1, t0 + 0.15, t0 + 0.2, end)), 32)
+        m["problems"], m["identical_to_in_process"] = ([] if i else ["bad"]), True
+        rows.append(m)
+    lv = level_metrics(2, rows, 0.0, 0.81)
+    assert lv["requests"] == 4 and lv["requests_s"] == pytest.approx(4 / 0.81)
+    assert lv["tok_s"] == pytest.approx(4 * 96 / 0.81) and lv["committed_tokens"] == 384
+    lat = [210, 410, 410, 410]  # ms, sent -> last response
+    assert lv["latency_ms_p50"] == pytest.approx(410) and lv["latency_ms_p99"] == pytest.approx(percentile(lat, 99))
+    assert lv["ttfc_ms_p50"] == pytest.approx(100)
+    assert lv["all_correct"] is False and lv["problems"] == ["request 0: bad"] and lv["identical_to_in_process"] == 4
+
+    inproc = {"e2e_s": 0.105, "steps_per_canvas": [4, 5, 5], "inter_canvas_ms_per_step": 8.0}
+    o = overhead([(ok, inproc), (failed, inproc)])  # failed requests are left out
+    assert o["requests"] == 1 and o["ratio_per_request"] == pytest.approx(2.0)
+    assert o["overhead_ms_per_request"] == pytest.approx(105) and o["overhead_ms_per_step"] == pytest.approx(7.5)
+    assert o["ratio_per_step"] == pytest.approx(10 / 8) and o["step_ms_in_process"] == pytest.approx(8)
+    assert overhead([(failed, inproc)])["available"] is False
+
+
+def test_scenario_fit_served_sweeps_concurrency_to_four_times_max_batch():
+    from dgemma.config import TINY
+
+    sc = Scenario.load("concurrency")
+    assert sc.fit(PROFILES["cpu"], TINY, served=True).batches == (1, 2, 4, 8)
+    assert sc.fit(PROFILES["cpu"], TINY).batches == (1, 2)  # in-process batch: KV buffers hold max_batch
+    assert sc.fit(PROFILES["h100"], FULL_SIZE, served=True).batches == (1, 2, 4, 8, 16)
+    assert sc.fit(PROFILES["h200"], FULL_SIZE, served=True).batches == (1, 2, 4, 8, 16, 32)
+    assert sc.fit(PROFILES["cpu"], TINY, served=True).rounds == 2 and sc.rounds == 4
+
+
+def test_bench_backend_errors_are_one_line(tmp_path, capsys):
+    assert main(["bench", "--gpu", "cpu", "--backend", "trt", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "TensorRT" in err and "Traceback" not in err
+    assert main(["bench", "--gpu", "cpu", "--backend", "ort", "--onnx-dir", str(tmp_path / "none"),
+                 "--out", str(tmp_path)]) == 2
+    assert f"{tmp_path / 'none'}/manifest.json not found" in capsys.readouterr().err
+    assert main(["bench", "--gpu", "cpu", "--backend", "tensorflow", "--out", str(tmp_path)]) == 2
+    assert "unknown backend 'tensorflow'; valid: torch, fast, ort, trt, triton" in capsys.readouterr().err
+    assert main(["bench", "--gpu", "cpu", "--url", "127.0.0.1:1", "--out", str(tmp_path)]) == 2
+    assert "needs --backend triton" in capsys.readouterr().err
+
+
+def test_bench_ort_without_graphs_names_the_path_and_the_make_command(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr("dgemma.bench_cli.ROOT", tmp_path)
+    assert main(["bench", "--gpu", "cpu", "--backend", "ort", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path}/build/onnx/fp32/manifest.json not found" in err and "make onnx PRECISION=fp32" in err

@@ -1,0 +1,51 @@
+"""`dgemma bench --backend triton` against the session's tritonserver: a handful of streamed requests, a
+two-level concurrency sweep, every answer checked against in-process generation of the same prompt and seed."""
+
+from __future__ import annotations
+
+import json
+
+from dgemma.cli import main
+
+SCENARIO = """name = "served-smoke"
+description = "reduced Triton run for the tests"
+prompt_tokens = 40
+max_new_tokens = 64
+steps = 4
+adaptive = false
+ignore_eos = true
+repeats = 1
+warmup = 0
+batches = [1, 2]
+rounds = 1
+"""
+
+
+def test_bench_through_triton_grpc(triton, tmp_path, capsys):
+    sc = tmp_path / "served-smoke.toml"
+    sc.write_text(SCENARIO)
+    out = tmp_path / "results"
+    assert main(["bench", "--gpu", "cpu", "--backend", "triton", "--url", triton.grpc_url, "--scenario", str(sc),
+                 "--out", str(out)]) == 0
+    (f,) = (out / "cpu" / "bf16").glob("*-served-smoke-triton.json")
+    rec = json.loads(f.read_text())
+    assert rec["backend"] == "triton" and rec["triton"]["url"] == triton.grpc_url
+    assert rec["triton"]["server"] == "external (--url)" and rec["all_correct"] is True
+    (run,) = rec["runs"]
+    assert run["canvases"] == 2 and len(run["steps_per_canvas"]) == 2 and max(run["steps_per_canvas"]) <= 4
+    assert 0 < run["committed_tokens"] <= 64 and run["identical_to_in_process"] is True
+    assert run["time_to_first_canvas_ms"] > 0 and run["generation_tok_s"] > 0
+    for k in ("step_ms_p50", "denoise_ms_p50", "prefill_ms", "commit_ms_mean"):  # not observable: None + reason
+        assert run[k] is None and rec["metrics"].get(k) is None and rec["unobserved"][k]
+    assert [(c["concurrency"], c["requests"], c["errors"]) for c in rec["concurrency"]] == [(1, 1, 0), (2, 2, 0)]
+    for c in rec["concurrency"]:
+        assert c["all_correct"] and c["identical_to_in_process"] == c["requests"]
+        assert c["requests_s"] > 0 and c["tok_s"] > 0 and c["latency_ms_p99"] >= c["latency_ms_p50"] > 0
+    o = rec["triton_overhead"]
+    assert o["available"] and o["requests"] == 2 and o["ratio_per_request"] > 0
+    assert o["e2e_ms_in_process_p50"] > 0 and o["overhead_ms_per_step"] is not None
+    assert rec["ar_baseline"]["available"] is False and rec["telemetry"]["available"] is False
+    assert "adaptive stopping" in rec["served_sampler"]["note"]  # the ensemble has no input for it
+    printed = capsys.readouterr()
+    assert "concurrency   2:" in printed.out and "Triton / in-process: x" in printed.out
+    assert "concurrency 2: 2/2 requests" in printed.err  # progress line

@@ -15,7 +15,7 @@ URL ?=
 BENCH_ARGS ?=
 LOADTEST_ARGS ?=
 
-.PHONY: venv demo test test-gpu clean-venv init-tiny train-tiny eval generate profiles bench report quantize onnx engines repo serve loadtest
+.PHONY: venv demo test test-gpu clean-venv init-tiny train-tiny eval generate profiles bench report quantize onnx engines repo serve loadtest perf-tools
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -83,6 +83,11 @@ profiles: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m dgemma bench --gpu $(GPU) --precision $(PRECISION) --scenario $(SCENARIO) --backend $(BACKEND) \
 		$(if $(CKPT),--checkpoint $(CKPT)) $(if $(URL),--url $(URL)) $(BENCH_ARGS)
+
+# perf_analyzer 2.60 (manylinux_2_38 wheel; through Debian trixie's loader on an older glibc) and genai-perf
+# (own venv) -> build/tools/bin/; tests/serving/test_perf_tools.py runs them when present.
+perf-tools: $(STAMP)
+	bash bench/perf/install-tools.sh $(PYTHON)
 
 # `make report GPU=h100 PRECISION=fp8` -> bench/reports/h100-fp8.md + plots; without GPU: all results in one table.
 report: $(STAMP)

@@ -73,8 +73,8 @@ def _summary(name: str, m: dict, roof: dict, res: dict) -> str:
                      f"{'all correct' if c['all_correct'] else 'WRONG: ' + '; '.join(c['problems'])}")
     o = res.get("triton_overhead", {})
     if o.get("available"):
-        line += (f"\n  Triton / in-process: x{o['ratio_per_request']:.2f} per request (+{o['overhead_ms_per_request']:.1f}"
-                 f" ms), +{o['overhead_ms_per_step']:.2f} ms per denoising step"
+        line += (f"\n  Triton / in-process: x{o['ratio_per_request']:.2f} per request "
+                 f"({o['overhead_ms_per_request']:+.1f} ms), {o['overhead_ms_per_step']:+.2f} ms per denoising step"
                  + (f", x{o['ratio_per_step']:.2f} inter-canvas per step" if o.get("ratio_per_step") else ""))
     return line
 

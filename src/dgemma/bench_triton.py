@@ -200,7 +200,8 @@ def overhead(pairs: list[tuple[dict, dict]]) -> dict:
         "overhead_ms_per_step": med([1e3 * (t["e2e_s"] - i["e2e_s"]) / sum(t["steps_per_canvas"]) for t, i in pairs]),
         "ratio_per_step": med([a / b for a, b in per_step]),
         "step_ms_triton": med([a for a, _ in per_step]), "step_ms_in_process": med([b for _, b in per_step]),
-        "note": "same prompts and seeds, one request at a time; per request = request sent -> last response vs "
+        "note": "same prompts and seeds, one request at a time, each in-process generation right before its Triton "
+                "request; per request = request sent -> last response vs "
                 "prefill start -> last canvas in-process (tokenization, the ensemble's pre/postprocess and gRPC "
                 "are the difference); per step = inter-canvas time per denoising step on both sides"
                 + ("" if per_step else "; per-step ratio needs requests of 2+ canvases"),
@@ -264,13 +265,14 @@ class Reference:
     def __init__(self, backend, tok, sampler):
         self.backend, self.tok, self.sampler, self.cache = backend, tok, sampler, {}
 
-    def __call__(self, prompt: str, seed: int, max_new_tokens: int | None = None) -> dict:
+    def __call__(self, prompt: str, seed: int, max_new_tokens: int | None = None, fresh: bool = False) -> dict:
+        """fresh: generate again even if cached (timing right before the same request goes through Triton)."""
         import torch
 
         from .bench import run_generation
 
         key = (prompt, seed, max_new_tokens)
-        if key not in self.cache:
+        if fresh or key not in self.cache:
             ids = torch.tensor([self.tok.encode_chat(prompt)], device=self.backend.device)
             cfg = self.sampler if max_new_tokens is None else self.sampler.replace(max_new_tokens=max_new_tokens)
             m, res = run_generation(self.backend, ids, cfg, seed, return_result=True)
@@ -324,25 +326,27 @@ def run_served_scenario(url: str, tok, cfg, base, sc, seed: int = 0, reference=N
                                             "time_to_first_canvas_ms": m["time_to_first_canvas_ms"],
                                             "problems": m["problems"]})
                 say(f"prompt {n} tokens: first canvas after {m['time_to_first_canvas_ms'] or 0:.1f} ms")
+        pool = [(text_prompt(tok, sc.prompt_tokens, seed + 100 + i), seed + 100 + i)
+                for i in range(min(8, max(sc.batches)))] if sc.batches else []
+        for i, (p, s) in enumerate(pool if ref else []):  # the sweep's oracle, timed next to the same request
+            rm = ref(p, s, fresh=True)
+            pairs.append((judged(request_metrics(client.send(p, s, **params), c_len), p, s), rm))
+            say(f"in-process vs Triton {i + 1}/{len(pool)}")
     finally:
         client.close()
     if sc.batches:
-        pool = [(text_prompt(tok, sc.prompt_tokens, seed + 100 + i), seed + 100 + i)
-                for i in range(min(8, max(sc.batches)))]
         out["concurrency"] = []
         for level in sc.batches:
             jobs = [pool[i % len(pool)] for i in range(level * sc.rounds)]
             rows, t0, t1 = run_level(url, level, jobs, params, c_len, sc.name if progress else None)
             rows = [judged(m, *j) for m, j in zip(rows, jobs)]
             out["concurrency"].append(level_metrics(level, rows, t0, t1))
-            if level == 1 and ref:
-                pairs += [(m, ref(*j)) for m, j in zip(rows, jobs)]
     if progress:
         print(file=sys.stderr)
     for r in out["runs"]:
         r.pop("text", None)
     out["metrics"] = summarize(out["runs"])
-    out["all_correct"] = all(not r["problems"] for r in out["runs"]) and all(
+    out["all_correct"] = all(not t["problems"] for t, _ in pairs) and all(
         c["all_correct"] for c in out.get("concurrency", [])) and all(
         not x["problems"] for x in out.get("long_context", []))
     out["triton_overhead"] = overhead([(t, i) for t, i in pairs if i is not None]) if ref else {
@@ -350,8 +354,9 @@ def run_served_scenario(url: str, tok, cfg, base, sc, seed: int = 0, reference=N
     out["ar_baseline"] = {"available": False, "reason": "the AR baseline decodes in-process (ar_step); the Triton "
                                                         "ensemble serves only block diffusion"}
     out["unobserved"], out["definitions"] = UNOBSERVED, DEFINITIONS
-    out["served_sampler"] = {"max_new_tokens": sampler.max_new_tokens, "max_denoising_steps": sampler.max_denoising_steps,
-                             "ignore_eos": sampler.ignore_eos, "adaptive_stopping": sampler.adaptive_stopping}
+    out["served_sampler"] = {"max_new_tokens": sampler.max_new_tokens, "ignore_eos": sampler.ignore_eos,
+                             "max_denoising_steps": sampler.max_denoising_steps,
+                             "adaptive_stopping": sampler.adaptive_stopping}
     if sc.adaptive != sampler.adaptive_stopping:
         out["served_sampler"]["note"] = (f"scenario asks adaptive={sc.adaptive}, but the ensemble has no input for "
                                          "adaptive stopping: requests run the checkpoint's setting")

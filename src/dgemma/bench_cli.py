@@ -47,7 +47,11 @@ def trt_backend(target, max_context: int | None):
             raise
         raise ConfigError("TensorRT backend unavailable: this dgemma has no dgemma.runtime.trt_backend yet. Use "
                           "--backend fast (CUDA) or --backend ort (ONNX Runtime).") from None
-    return TrtBackend(ROOT / "engines" / target.gpu.name / target.precision.value, max_context=max_context)
+    d = ROOT / "engines" / target.gpu.name / target.precision.value
+    if not (d / "manifest.json").exists():
+        raise ArtifactError(f"{d}/manifest.json not found: --backend trt needs TensorRT engines there. Build them "
+                            f"with: make engines GPU={target.gpu.name} PRECISION={target.precision.value}")
+    return TrtBackend(d, max_context=max_context)
 
 
 def _write(out_dir: Path, name: str, record: dict) -> Path:

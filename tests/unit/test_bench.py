@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from dgemma.bench import Scenario, derive, percentile, roofline
 from dgemma.cli import main
@@ -221,10 +222,26 @@ def test_scenario_fit_served_sweeps_concurrency_to_four_times_max_batch():
     assert sc.fit(PROFILES["cpu"], TINY, served=True).rounds == 2 and sc.rounds == 4
 
 
-def test_bench_backend_errors_are_one_line(tmp_path, capsys):
-    assert main(["bench", "--gpu", "cpu", "--backend", "trt", "--out", str(tmp_path)]) == 2
+def test_bench_trt_on_cpu_is_a_clear_error(tmp_path, monkeypatch, capsys):
+    import sys
+
+    monkeypatch.setattr("dgemma.bench_cli.ROOT", tmp_path)
+    assert main(["bench", "--gpu", "h100", "--precision", "fp8", "--backend", "trt", "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err
-    assert "TensorRT" in err and "Traceback" not in err
+    assert f"{tmp_path}/engines/h100/fp8/manifest.json not found" in err
+    assert "make engines GPU=h100 PRECISION=fp8" in err
+    (tmp_path / "engines" / "cpu" / "bf16").mkdir(parents=True)
+    (tmp_path / "engines" / "cpu" / "bf16" / "manifest.json").write_text("{}")
+    assert main(["bench", "--gpu", "cpu", "--backend", "trt", "--out", str(tmp_path)]) == 2
+    if not torch.cuda.is_available():
+        assert "ConfigError: TrtBackend runs engines on a CUDA GPU and none is visible" in capsys.readouterr().err
+    capsys.readouterr()
+    monkeypatch.setitem(sys.modules, "dgemma.runtime.trt_backend", None)  # a dgemma without the module
+    assert main(["bench", "--gpu", "cpu", "--backend", "trt", "--out", str(tmp_path)]) == 2
+    assert "ConfigError: TensorRT backend unavailable" in capsys.readouterr().err
+
+
+def test_bench_backend_errors_are_one_line(tmp_path, capsys):
     assert main(["bench", "--gpu", "cpu", "--backend", "ort", "--onnx-dir", str(tmp_path / "none"),
                  "--out", str(tmp_path)]) == 2
     assert f"{tmp_path / 'none'}/manifest.json not found" in capsys.readouterr().err

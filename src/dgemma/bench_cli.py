@@ -106,7 +106,7 @@ def cmd_bench(args) -> int:
     if served and checkpoint == SYNTHETIC:
         raise ConfigError("--backend triton needs a checkpoint directory (the server loads it and the client needs "
                           "its tokenizer); --checkpoint synthetic exists only in-process.")
-    max_context = target.gpu.max_context if target.gpu.sm else None
+    max_context = target.gpu.max_context  # KV capacity: fixed-size buffers cost their full length per step
     # GPU=cpu: one thread by default. On a shared 2-core box two torch (or ORT, whose idle workers spin) threads
     # next to anything else run 5-20x slower and vary run to run; one thread gives repeatable figures.
     threads = args.threads if args.threads is not None else (1 if target.gpu.sm == 0 else None)

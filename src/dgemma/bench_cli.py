@@ -143,21 +143,22 @@ def cmd_bench(args) -> int:
     out_dir = Path(args.out) / target.gpu.name / target.precision.value
     out_dir.mkdir(parents=True, exist_ok=True)
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    server = None
-    if served and not args.url:
-        from .serving.render import render
-        from .serving.server import Server
-
-        def interrupt(signum, frame):  # SIGTERM stops the server like Ctrl-C (it runs in its own session)
-            raise KeyboardInterrupt
-
-        signal.signal(signal.SIGTERM, interrupt)
-        root = render(target.gpu.name, target.precision.value, checkpoint, threads=threads)
-        print(f"== starting tritonserver on {root}", file=sys.stderr)
-        server = Server(root).start(timeout_s=args.server_timeout)
-    url = args.url or (server.grpc_url if server else None)
+    server, sigterm = None, signal.getsignal(signal.SIGTERM)
     written, wrong = [], []
     try:
+        if served and not args.url:
+            from .serving.render import render
+            from .serving.server import Server
+
+            def interrupt(signum, frame):  # SIGTERM stops the server like Ctrl-C (it runs in its own session)
+                raise KeyboardInterrupt
+
+            signal.signal(signal.SIGTERM, interrupt)
+            root = render(target.gpu.name, target.precision.value, checkpoint, threads=threads)
+            print(f"== starting tritonserver on {root}", file=sys.stderr)
+            server = Server(root)
+            server.start(timeout_s=args.server_timeout)
+        url = args.url or (server.grpc_url if server else None)
         for sc in scenarios:
             sc = sc.fit(target.gpu, cfg, served=served)
             print(f"== {sc.name}: {sc.description}", file=sys.stderr)
@@ -189,6 +190,7 @@ def cmd_bench(args) -> int:
     finally:
         if server:
             server.stop()
+        signal.signal(signal.SIGTERM, sigterm)
     for p in written:
         print(f"wrote {p}", file=sys.stderr)
     if wrong:

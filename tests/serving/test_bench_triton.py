@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from dgemma.cli import main
 
 SCENARIO = """name = "served-smoke"
@@ -49,3 +51,28 @@ def test_bench_through_triton_grpc(triton, tmp_path, capsys):
     printed = capsys.readouterr()
     assert "concurrency   2:" in printed.out and "Triton / in-process: x" in printed.out
     assert "concurrency 2: 2/2 requests" in printed.err  # progress line
+
+
+def test_bench_starts_and_stops_its_own_server(tmp_path, monkeypatch, capsys):
+    """Without --url: renders the repository (redirected to tmp), starts tritonserver, stops it at the end."""
+    import signal
+    import socket
+
+    monkeypatch.setattr("dgemma.serving.render.BUILD", tmp_path / "triton")
+    sc = tmp_path / "one.toml"
+    sc.write_text(SCENARIO.replace("batches = [1, 2]\n", "").replace('name = "served-smoke"', 'name = "one"'))
+    before = signal.getsignal(signal.SIGTERM)
+    assert main(["bench", "--gpu", "cpu", "--backend", "triton", "--no-reference", "--scenario", str(sc),
+                 "--out", str(tmp_path / "results")]) == 0
+    (f,) = (tmp_path / "results" / "cpu" / "bf16").glob("*-one-triton.json")
+    rec = json.loads(f.read_text())
+    assert rec["triton"]["server"] == "started by dgemma bench" and rec["all_correct"]
+    assert rec["triton_overhead"] == {"available": False,
+                                      "reason": "--no-reference: no in-process generation to compare with"}
+    assert rec["runs"][0]["identical_to_in_process"] is None and rec["runs"][0]["canvases"] == 2
+    assert (tmp_path / "triton" / "cpu" / "bf16" / "models" / "dgemma" / "config.pbtxt").exists()
+    host, port = rec["triton"]["url"].split(":")
+    with pytest.raises(OSError):  # the server is gone
+        socket.create_connection((host, int(port)), timeout=2).close()
+    assert signal.getsignal(signal.SIGTERM) is before
+    assert "starting tritonserver" in capsys.readouterr().err

@@ -113,10 +113,14 @@ def cmd_bench(args) -> int:
     if threads:
         torch.set_num_threads(threads)
     extra: dict = {"threads": threads}
+    serve_backend = args.serve_backend or ("ort" if target.gpu.sm == 0 else "torch")  # render's default loop
+    # which backend runs in this process: the benchmarked one, or (triton) the in-process twin of the server's loop
+    kind = args.backend if not served else None if args.no_reference else \
+        {"ort": "ort", "torch": "torch", "bls": "ort" if target.gpu.sm == 0 else "torch"}[serve_backend]
     model = tok = backend = None
-    if args.backend in ("torch", "fast") or (served and not args.no_reference):
+    if kind in ("torch", "fast"):
         model, cfg, base, tok = load_model(checkpoint, device, "bfloat16" if checkpoint == SYNTHETIC else None)
-        backend = make_backend("torch" if served else args.backend, model, target.precision.value, max_context)
+        backend = make_backend(kind, model, target.precision.value, max_context)
     else:
         from .checkpoint import load_config
         from .config import FULL_SIZE, SamplerConfig
@@ -124,20 +128,19 @@ def cmd_bench(args) -> int:
 
         ck = None if checkpoint == SYNTHETIC else Path(checkpoint) if checkpoint else ensure_tiny()
         cfg, base = (FULL_SIZE, SamplerConfig()) if ck is None else load_config(ck)
-        if args.backend == "ort":
+        if kind == "ort":
             backend = ort_backend(target, ck, cfg, args.onnx_dir, max_context, threads)
             extra["onnx_dir"] = str(backend.onnx_dir)
             extra["onnx_precision"] = backend.precision
-        elif args.backend == "trt":
+        elif kind == "trt":
             backend = trt_backend(target, max_context)
     if served:
-        if tok is None:
-            from .tiny import ensure_tiny
-            from .tokens import Tokenizer
+        from .tiny import ensure_tiny
+        from .tokens import Tokenizer
 
-            tok = Tokenizer(Path(checkpoint) if checkpoint else ensure_tiny())
-        extra["triton"] = {"model": "dgemma", "protocol": "grpc streaming",
-                           "in_process_reference": None if backend is None else f"torch on {device}"}
+        tok = tok or Tokenizer(Path(checkpoint) if checkpoint else ensure_tiny())
+        extra["triton"] = {"model": "dgemma", "protocol": "grpc streaming", "canvas_loop_backend": serve_backend,
+                           "in_process_reference": None if backend is None else f"{kind} on {backend.device}"}
     tel_device = torch.device(device if torch.cuda.is_available() or not device.startswith("cuda") else "cpu")
     env = environment(tel_device)
     out_dir = Path(args.out) / target.gpu.name / target.precision.value
@@ -154,7 +157,7 @@ def cmd_bench(args) -> int:
                 raise KeyboardInterrupt
 
             signal.signal(signal.SIGTERM, interrupt)
-            root = render(target.gpu.name, target.precision.value, checkpoint, threads=threads)
+            root = render(target.gpu.name, target.precision.value, checkpoint, backend=serve_backend, threads=threads)
             print(f"== starting tritonserver on {root}", file=sys.stderr)
             server = Server(root)
             server.start(timeout_s=args.server_timeout)
@@ -214,6 +217,9 @@ def add_parsers(sub) -> None:
     b.add_argument("--measured-gbs", type=float, help="use a measured copy bandwidth for the roofline")
     b.add_argument("--onnx-dir", help="--backend ort: graphs directory (default build/onnx/<precision>)")
     b.add_argument("--url", help="--backend triton: gRPC host:port of a running server (default: start one)")
+    b.add_argument("--serve-backend", choices=["ort", "torch", "bls"],
+                   help="--backend triton: the canvas loop's backend (rendered, or what the --url server runs; "
+                        "default ort on GPU=cpu, torch on GPU profiles); the in-process reference runs the same")
     b.add_argument("--no-reference", action="store_true",
                    help="--backend triton: skip in-process generation of the same prompts (no overhead ratio)")
     b.add_argument("--threads", type=int, help="CPU threads: torch here, ONNX Runtime intra-op (ort), the started "

@@ -33,6 +33,8 @@ def test_bench_through_triton_grpc(triton, tmp_path, capsys):
     rec = json.loads(f.read_text())
     assert rec["backend"] == "triton" and rec["triton"]["url"] == triton.grpc_url
     assert rec["triton"]["server"] == "external (--url)" and rec["all_correct"] is True
+    # the reference runs what the server's canvas loop runs (ORT in-process on GPU=cpu), same thread count
+    assert rec["triton"]["canvas_loop_backend"] == "ort" and rec["triton"]["in_process_reference"] == "ort on cpu"
     (run,) = rec["runs"]
     assert run["canvases"] == 2 and len(run["steps_per_canvas"]) == 2 and max(run["steps_per_canvas"]) <= 4
     assert 0 < run["committed_tokens"] <= 64 and run["identical_to_in_process"] is True

@@ -1,4 +1,4 @@
-"""`dgemma bench`: flags -> one backend (in-process torch/fast/ort/trt, or the Triton ensemble over gRPC) ->
+"""`dgemma bench`: flags -> one backend (in-process torch/fast/ort/trt, or the Triton dgemma model over gRPC) ->
 scenarios -> one JSON result per scenario under bench/results/<gpu>/<precision>/ (same schema for every
 backend; what a backend cannot observe is None with the reason). Measuring lives in bench / bench_triton."""
 

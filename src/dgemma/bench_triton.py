@@ -1,4 +1,4 @@
-"""Benchmarks through the Triton `dgemma` ensemble over gRPC, as a client sees them.
+"""Benchmarks through the Triton `dgemma` model over gRPC, as a client sees them.
 
 Owns: text prompts for a token budget, one streamed request with the arrival time of every response,
 closed-loop concurrency levels (N client threads, one gRPC stream each, like perf_analyzer's concurrency
@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from .bench import percentile
 
 MODEL = "dgemma"
-_NO_STEPS = "per-step timing is not observable through gRPC (the ensemble sends one response per committed canvas)"
+_NO_STEPS = "per-step timing is not observable through gRPC (the model sends one response per committed canvas)"
 UNOBSERVED = {
     "prefill_ms": "not observable through gRPC: the first response arrives after prefill and the whole first canvas "
                   "(see time_to_first_canvas_ms)",
@@ -45,7 +45,7 @@ DEFINITIONS = {
 
 def text_prompt(tok, tokens: int, seed: int) -> str:
     """Random lowercase words whose chat-rendered prompt has at most `tokens` tokens (at least one word):
-    the random-prompt workload of the in-process scenarios, as text the ensemble can take."""
+    the random-prompt workload of the in-process scenarios, as text the model can take."""
     rng = random.Random(seed)
     words: list[str] = []
     while True:
@@ -71,7 +71,7 @@ class Timed:
 
 
 class StreamClient:
-    """One gRPC stream to the ensemble; requests on it run one after another (one slot of a level)."""
+    """One gRPC stream to the model; requests on it run one after another (one slot of a level)."""
 
     def __init__(self, url: str, model: str = MODEL, timeout_s: float = 600.0):
         import tritonclient.grpc as grpcclient
@@ -202,7 +202,7 @@ def overhead(pairs: list[tuple[dict, dict]]) -> dict:
         "step_ms_triton": med([a for a, _ in per_step]), "step_ms_in_process": med([b for _, b in per_step]),
         "note": "same prompts and seeds, one request at a time, each in-process generation right before its Triton "
                 "request; per request = request sent -> last response vs "
-                "prefill start -> last canvas in-process (tokenization, the ensemble's pre/postprocess and gRPC "
+                "prefill start -> last canvas in-process (tokenization, detokenization, Triton and gRPC "
                 "are the difference); per step = inter-canvas time per denoising step on both sides"
                 + ("" if per_step else "; per-step ratio needs requests of 2+ canvases"),
     }
@@ -252,15 +252,15 @@ def canvases_for(max_tokens: int, canvas_length: int) -> int:
 
 
 def served_sampler(base, sc):
-    """The sampler canvas_loop runs for this scenario's requests: the ensemble takes max_tokens,
-    max_denoising_steps and ignore_eos; adaptive stopping stays the checkpoint's (the ensemble has no input
+    """The sampler the served canvas loop runs for this scenario's requests: the model takes max_tokens,
+    max_denoising_steps and ignore_eos; adaptive stopping stays the checkpoint's (the model has no input
     for it)."""
     return base.replace(max_new_tokens=sc.max_new_tokens, max_denoising_steps=sc.steps, ignore_eos=sc.ignore_eos)
 
 
 class Reference:
     """In-process generation of the same (prompt, seed) on `backend`, once each: the oracle for answers and
-    the baseline of the overhead ratio. tokenize: chat-rendered ids exactly as the ensemble's preprocess."""
+    the baseline of the overhead ratio. tokenize: chat-rendered ids exactly as the served model's."""
 
     def __init__(self, backend, tok, sampler):
         self.backend, self.tok, self.sampler, self.cache = backend, tok, sampler, {}
@@ -282,7 +282,7 @@ class Reference:
 
 
 def run_served_scenario(url: str, tok, cfg, base, sc, seed: int = 0, reference=None, progress: bool = True) -> dict:
-    """All measurements of one scenario through the ensemble -> result dict in bench.run_scenario's schema, plus
+    """All measurements of one scenario through the model -> result dict in bench.run_scenario's schema, plus
     `triton_overhead` (vs in-process, when `reference` is a backend) and `unobserved` (field -> reason)."""
     from .bench import summarize
 
@@ -352,12 +352,12 @@ def run_served_scenario(url: str, tok, cfg, base, sc, seed: int = 0, reference=N
     out["triton_overhead"] = overhead([(t, i) for t, i in pairs if i is not None]) if ref else {
         "available": False, "reason": "--no-reference: no in-process generation to compare with"}
     out["ar_baseline"] = {"available": False, "reason": "the AR baseline decodes in-process (ar_step); the Triton "
-                                                        "ensemble serves only block diffusion"}
+                                                        "model serves only block diffusion"}
     out["unobserved"], out["definitions"] = UNOBSERVED, DEFINITIONS
     out["served_sampler"] = {"max_new_tokens": sampler.max_new_tokens, "ignore_eos": sampler.ignore_eos,
                              "max_denoising_steps": sampler.max_denoising_steps,
                              "adaptive_stopping": sampler.adaptive_stopping}
     if sc.adaptive != sampler.adaptive_stopping:
-        out["served_sampler"]["note"] = (f"scenario asks adaptive={sc.adaptive}, but the ensemble has no input for "
+        out["served_sampler"]["note"] = (f"scenario asks adaptive={sc.adaptive}, but the model has no input for "
                                          "adaptive stopping: requests run the checkpoint's setting")
     return out

@@ -49,7 +49,7 @@ def test_bench_through_triton_grpc(triton, tmp_path, capsys):
     assert o["available"] and o["requests"] == 3 and o["ratio_per_request"] > 0  # 1 run + 2 pool prompts
     assert o["e2e_ms_in_process_p50"] > 0 and o["overhead_ms_per_step"] is not None
     assert rec["ar_baseline"]["available"] is False and rec["telemetry"]["available"] is False
-    assert "adaptive stopping" in rec["served_sampler"]["note"]  # the ensemble has no input for it
+    assert "adaptive stopping" in rec["served_sampler"]["note"]  # the model has no input for it
     printed = capsys.readouterr()
     assert "concurrency   2:" in printed.out and "Triton / in-process: x" in printed.out
     assert "concurrency 2: 2/2 requests" in printed.err  # progress line

@@ -252,10 +252,10 @@ def canvases_for(max_tokens: int, canvas_length: int) -> int:
 
 
 def served_sampler(base, sc):
-    """The sampler the served canvas loop runs for this scenario's requests: the model takes max_tokens,
-    max_denoising_steps and ignore_eos; adaptive stopping stays the checkpoint's (the model has no input
-    for it)."""
-    return base.replace(max_new_tokens=sc.max_new_tokens, max_denoising_steps=sc.steps, ignore_eos=sc.ignore_eos)
+    """The sampler the served canvas loop runs for this scenario's requests (the model's max_tokens,
+    max_denoising_steps, ignore_eos and adaptive_stopping inputs)."""
+    return base.replace(max_new_tokens=sc.max_new_tokens, max_denoising_steps=sc.steps, ignore_eos=sc.ignore_eos,
+                        adaptive_stopping=sc.adaptive)
 
 
 class Reference:
@@ -287,7 +287,8 @@ def run_served_scenario(url: str, tok, cfg, base, sc, seed: int = 0, reference=N
     from .bench import summarize
 
     sampler = served_sampler(base, sc)
-    params = {"max_tokens": sc.max_new_tokens, "max_denoising_steps": sc.steps, "ignore_eos": sc.ignore_eos}
+    params = {"max_tokens": sc.max_new_tokens, "max_denoising_steps": sc.steps, "ignore_eos": sc.ignore_eos,
+              "adaptive_stopping": sc.adaptive}
     c_len, n_canv = cfg.canvas_length, canvases_for(sc.max_new_tokens, cfg.canvas_length)
     ref = Reference(reference, tok, sampler) if reference is not None else None
     say = (lambda msg: print(f"\r  [{sc.name}] {msg}", end="", file=sys.stderr, flush=True)) if progress else \
@@ -357,7 +358,4 @@ def run_served_scenario(url: str, tok, cfg, base, sc, seed: int = 0, reference=N
     out["served_sampler"] = {"max_new_tokens": sampler.max_new_tokens, "ignore_eos": sampler.ignore_eos,
                              "max_denoising_steps": sampler.max_denoising_steps,
                              "adaptive_stopping": sampler.adaptive_stopping}
-    if sc.adaptive != sampler.adaptive_stopping:
-        out["served_sampler"]["note"] = (f"scenario asks adaptive={sc.adaptive}, but the model has no input for "
-                                         "adaptive stopping: requests run the checkpoint's setting")
     return out

@@ -73,6 +73,7 @@ def _decode(result) -> dict:
         d[name] = int(result.as_numpy(name).reshape(-1)[0])
     d["steps_per_canvas"] = result.as_numpy("steps_per_canvas").reshape(-1).tolist()
     d["tokens_per_forward"] = round(float(result.as_numpy("tokens_per_forward").reshape(-1)[0]), 4)
+    d["is_draft"] = bool(result.as_numpy("is_draft").reshape(-1)[0])
     return d
 
 
@@ -135,7 +136,11 @@ def cmd_client(args) -> int:
         raise DgemmaError("pass --prompt TEXT (or --health).")
     params = {"max_tokens": args.max_tokens, "seed": args.seed, "stream": True if args.stream else None,
               "max_denoising_steps": args.steps, "entropy_bound": args.entropy_bound, "infill": args.infill,
-              "ignore_eos": True if args.ignore_eos else None}
+              "ignore_eos": True if args.ignore_eos else None, "temperature_min": args.t_min,
+              "temperature_max": args.t_max, "adaptive_stopping": False if args.fixed_steps else None,
+              "stream_drafts": True if args.drafts else None}
+    if args.drafts and not args.stream:
+        raise DgemmaError("--drafts streams a draft per denoising step; add --stream.")
     try:
         responses = request(args.url, args.prompt, model=args.model, **params)
     except ServerError:
@@ -146,7 +151,9 @@ def cmd_client(args) -> int:
         print(json.dumps(responses if args.stream else responses[-1]))
     elif args.stream:
         for r in responses:
-            if r["text_output"]:
+            if r["is_draft"]:
+                print(f"  (draft {r['canvas_index'] + 1}.{r['steps_per_canvas'][-1]}) {r['text_output']}", flush=True)
+            elif r["text_output"]:
                 print(f"[canvas {r['canvas_index'] + 1}] {r['text_output']}", flush=True)
         last = responses[-1]
         print(f"-- steps per canvas {last['steps_per_canvas']}, tokens per forward {last['tokens_per_forward']}",
@@ -170,6 +177,10 @@ def add_parsers(sub) -> None:
     c.add_argument("--entropy-bound", type=float)
     c.add_argument("--infill")
     c.add_argument("--ignore-eos", action="store_true", help="always fill max_tokens (benchmarks)")
+    c.add_argument("--t-min", type=float, help="temperature_min of the denoising schedule")
+    c.add_argument("--t-max", type=float, help="temperature_max of the denoising schedule")
+    c.add_argument("--fixed-steps", action="store_true", help="adaptive_stopping=false: always --steps steps")
+    c.add_argument("--drafts", action="store_true", help="with --stream: also print each denoising step's draft")
     c.add_argument("--model", default="dgemma")
     c.add_argument("--json", action="store_true")
     c.set_defaults(func=cmd_client)

@@ -126,6 +126,22 @@ def test_streaming_canvas_order_then_final_flag(server, local):
     assert data[3]["tokens_per_forward"] == pytest.approx(float(res.tokens_per_forward[0]), abs=1e-3)
 
 
+def test_drafts_fixed_steps_and_temperature_range(triton, local):
+    """stream_drafts: one draft per denoising step before each committed canvas; adaptive_stopping=false runs
+    exactly max_denoising_steps; the temperature range reaches the sampler (the answer equals in-process with
+    the same range)."""
+    prompt, seed = PROMPTS[1]
+    out = request(triton.grpc_url, prompt, seed=seed, max_tokens=64, ignore_eos=True, stream=True,
+                  stream_drafts=True, adaptive_stopping=False, max_denoising_steps=5)
+    kinds = [(d["is_draft"], d["canvas_index"]) for d in out]
+    assert kinds == [(True, 0)] * 5 + [(False, 0)] + [(True, 1)] * 5 + [(False, 1), (False, 2)]
+    assert [d["steps_per_canvas"][-1] for d in out[:5]] == [1, 2, 3, 4, 5] and out[-1]["steps_per_canvas"] == [5, 5]
+    assert out[4]["text_output"] == out[5]["text_output"]  # the committed canvas is the last step's argmax
+    text, res, _ = generate_local(local, prompt, seed, max_new_tokens=32, t_min=0.1, t_max=2.0)
+    (r,) = request(triton.grpc_url, prompt, seed=seed, max_tokens=32, temperature_min=0.1, temperature_max=2.0)
+    assert r["text_output"] == text and r["steps_per_canvas"] == res.steps_per_canvas
+
+
 def test_eight_concurrent_clients(server, local):
     """8 clients at once, each answered exactly as its own B=1 in-process run; on the BLS rendering the
     denoiser's executions account for every step and concurrent steps share batches (ORT rows are independent
@@ -218,7 +234,8 @@ def test_metrics_endpoint_reports_steps_and_canvases(server):
                             r"\(GpuProfile\.max_context\)"),
     (dict(entropy_bound=-0.5), r"entropy_bound must be a finite number > 0 \(got -0\.5\)"),
     (dict(max_denoising_steps=100), r"max_denoising_steps must be an integer in 1\.\.48 \(got 100\)"),
-    (dict(temperature="0.7"), r"temperature"),  # an input the ensemble does not declare
+    (dict(temperature="0.7"), r"temperature"),  # an input the model does not declare
+    (dict(temperature_min=0.9, temperature_max=0.5), r"temperature_min < temperature_max \(got 0\.9\d* and 0\.5"),
 ])
 def test_bad_inputs_name_value_and_limit(triton, params, pattern):
     params = {"text_input": PROMPTS[0][0], **params}

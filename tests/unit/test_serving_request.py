@@ -29,6 +29,10 @@ def test_defaults_and_roundtrip():
     assert list(r.input_ids) == TOK.encode_chat(PROMPT)
     assert (r.max_tokens, r.seed, r.stream, r.max_denoising_steps, r.entropy_bound, r.ignore_eos, r.infill) == \
         (32, 0, False, 48, 0.1, False, None)
+    assert (r.t_min, r.t_max, r.adaptive_stopping, r.stream_drafts) == (0.4, 0.8, True, False)
+    r3 = parse(text_input=PROMPT, temperature_min=np.float32(0.25), temperature_max=np.float32(1.5),
+               adaptive_stopping=False, stream_drafts=True, exclude_input_in_output=True)
+    assert (r3.t_min, r3.t_max, r3.adaptive_stopping, r3.stream_drafts) == (0.25, 1.5, False, True)
     r2 = parse(text_input=PROMPT, max_tokens=np.int32(96), seed=np.int64(7), stream=True, max_denoising_steps=np.int32(5),
                entropy_bound=np.float32(0.5), ignore_eos=True, infill="0 1 _ _")
     assert Request.from_json(r2.to_json()) == r2
@@ -54,6 +58,11 @@ def test_defaults_and_roundtrip():
     (dict(text_input=PROMPT, entropy_bound=np.float32("nan")), r"entropy_bound must be a finite number > 0 \(got nan\)"),
     (dict(text_input=PROMPT, infill="no holes"), r"infill must be a canvas template with at least one '_' hole"),
     (dict(text_input=PROMPT, temperature=np.float32(1)), r"unknown input\(s\) 'temperature'; accepted: text_input"),
+    (dict(text_input=PROMPT, temperature_min=np.float32(0.9)), r"temperature_min < temperature_max \(got 0\.9\d* and "
+                                                               r"0\.8; the checkpoint's defaults are 0\.4 and 0\.8"),
+    (dict(text_input=PROMPT, temperature_max=np.float32("inf")), r"temperature_max must be a finite number >= 0 "
+                                                                  r"\(got inf\)"),
+    (dict(text_input=PROMPT, temperature_min=np.float32(-1)), r"temperature_min must be a finite number >= 0"),
 ])
 def test_request_errors_name_value_and_limit(kw, pattern):
     with pytest.raises(RequestError, match=pattern):
@@ -68,13 +77,15 @@ def test_two_values_in_one_input_refused():
 
 def test_limits_from_parameters_and_response_shapes():
     params = {"target": "cpu/bf16", "max_prompt": "64", "max_context": "256", "canvas_length": "32",
-              "max_denoising_steps": "48", "default_max_tokens": "32", "default_entropy_bound": "0.1"}
+              "max_denoising_steps": "48", "default_max_tokens": "32", "default_entropy_bound": "0.1",
+              "default_t_min": "0.4", "default_t_max": "0.8"}
     assert Limits.from_parameters(params) == LIMITS
     with pytest.raises(RequestError, match="lacks parameter 'max_prompt'; re-render with `make repo`"):
         Limits.from_parameters({k: v for k, v in params.items() if k != "max_prompt"})
     r = response([5, 6], 1, 2, [3, 4], 2.5)
     assert r["output_ids"].dtype == np.int64 and r["steps_per_canvas"].tolist() == [3, 4]
-    assert set(r) == {"output_ids", "canvas_index", "canvases", "steps_per_canvas", "tokens_per_forward"}
+    assert set(r) == {"output_ids", "canvas_index", "canvases", "steps_per_canvas", "tokens_per_forward", "is_draft"}
+    assert not r["is_draft"][0] and response([7], 0, 0, [1], 0.0, draft=True)["is_draft"][0]
 
 
 @pytest.mark.parametrize("gpu", sorted(PROFILES))

@@ -35,6 +35,11 @@ INPUTS = {
     "entropy_bound": ("TYPE_FP32", True),
     "ignore_eos": ("TYPE_BOOL", True),
     "infill": ("TYPE_STRING", True),
+    "temperature_min": ("TYPE_FP32", True),  # the denoising temperature range, T(n) from max down to min
+    "temperature_max": ("TYPE_FP32", True),
+    "adaptive_stopping": ("TYPE_BOOL", True),  # false: always max_denoising_steps (the vLLM anchor setting)
+    "stream_drafts": ("TYPE_BOOL", True),  # with stream: also a draft (the argmax canvas) after every step
+    "exclude_input_in_output": ("TYPE_BOOL", True),  # sent by genai-perf; the prompt is never echoed anyway
 }
 # model outputs (name -> (Triton dtype, dims))
 OUTPUTS = {
@@ -43,6 +48,7 @@ OUTPUTS = {
     "canvases": ("TYPE_INT32", 1),
     "steps_per_canvas": ("TYPE_INT32", -1),
     "tokens_per_forward": ("TYPE_FP32", 1),
+    "is_draft": ("TYPE_BOOL", 1),  # true: a denoising step's draft of canvas canvas_index, not committed text
 }
 
 
@@ -57,6 +63,8 @@ class Limits:
     max_denoising_steps: int  # checkpoint generation_config.json
     default_max_tokens: int  # checkpoint generation_config.json max_new_tokens
     default_entropy_bound: float
+    default_t_min: float = 0.4  # checkpoint generation_config.json sampler_config
+    default_t_max: float = 0.8
 
     @classmethod
     def from_parameters(cls, params: dict[str, str]) -> "Limits":
@@ -66,7 +74,8 @@ class Limits:
                        max_context=int(params["max_context"]), canvas_length=int(params["canvas_length"]),
                        max_denoising_steps=int(params["max_denoising_steps"]),
                        default_max_tokens=int(params["default_max_tokens"]),
-                       default_entropy_bound=float(params["default_entropy_bound"]))
+                       default_entropy_bound=float(params["default_entropy_bound"]),
+                       default_t_min=float(params["default_t_min"]), default_t_max=float(params["default_t_max"]))
         except KeyError as e:
             raise RequestError(f"model config lacks parameter {e}; re-render with `make repo`.") from None
 
@@ -81,6 +90,10 @@ class Request:
     entropy_bound: float
     ignore_eos: bool
     infill: str | None = None
+    t_min: float = 0.4
+    t_max: float = 0.8
+    adaptive_stopping: bool = True
+    stream_drafts: bool = False
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -155,13 +168,27 @@ def parse_request(inputs: dict[str, Any], limits: Limits, encode_chat: Callable[
     infill = _scalar(inputs, "infill")
     if infill is not None and (not isinstance(infill, str) or "_" not in infill):
         raise RequestError(f"infill must be a canvas template with at least one '_' hole (got {infill!r}).")
+    t_min, t_max = _scalar(inputs, "temperature_min"), _scalar(inputs, "temperature_max")
+    t_min = limits.default_t_min if t_min is None else t_min
+    t_max = limits.default_t_max if t_max is None else t_max
+    for name, v in (("temperature_min", t_min), ("temperature_max", t_max)):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+            raise RequestError(f"{name} must be a finite number >= 0 (got {v!r}).")
+    if t_max <= t_min:
+        raise RequestError(f"temperature range must have temperature_min < temperature_max (got {t_min:.6g} and {t_max:.6g}; "
+                           f"the checkpoint's defaults are {limits.default_t_min} and {limits.default_t_max}, "
+                           "generation_config.json sampler_config).")
+    adaptive = _scalar(inputs, "adaptive_stopping")
     return Request(tuple(int(i) for i in ids), mt, seed, bool(stream), steps, float(eb),
-                   bool(_scalar(inputs, "ignore_eos")), infill)
+                   bool(_scalar(inputs, "ignore_eos")), infill, float(t_min), float(t_max),
+                   True if adaptive is None else bool(adaptive), bool(_scalar(inputs, "stream_drafts")))
 
 
-def response(new_ids, canvas_index: int, canvases: int, steps: list[int], tokens_per_forward: float) -> dict:
+def response(new_ids, canvas_index: int, canvases: int, steps: list[int], tokens_per_forward: float,
+             draft: bool = False) -> dict:
     """The loop's tensors for one response (output_ids still token ids; text_response decodes them)."""
     return {
+        "is_draft": np.array([draft], dtype=np.bool_),
         "output_ids": np.asarray(new_ids, dtype=np.int64).reshape(-1),
         "canvas_index": np.array([canvas_index], dtype=np.int32),
         "canvases": np.array([canvases], dtype=np.int32),
@@ -189,7 +216,8 @@ def run(backend, sampler, tokenizer, req: Request, send: Callable[[dict], None],
     from ..sampler import generate
 
     cfg = sampler.replace(max_new_tokens=req.max_tokens, max_denoising_steps=req.max_denoising_steps,
-                          entropy_bound=req.entropy_bound, ignore_eos=req.ignore_eos)
+                          entropy_bound=req.entropy_bound, ignore_eos=req.ignore_eos, t_min=req.t_min,
+                          t_max=req.t_max, adaptive_stopping=req.adaptive_stopping)
     template = None
     if req.infill is not None:
         template = infill_template(tokenizer, req.infill, backend.canvas_length, cfg.max_new_tokens)
@@ -199,6 +227,8 @@ def run(backend, sampler, tokenizer, req: Request, send: Callable[[dict], None],
         if ev.canvas == len(steps):
             steps.append(0)
         steps[ev.canvas] = ev.step
+        if req.stream and req.stream_drafts:
+            send(response(ev.draft[0].tolist(), ev.canvas, ev.canvas, list(steps), 0.0, draft=True))
 
     def on_canvas(i, committed):
         if on_commit is not None:

@@ -142,6 +142,7 @@ def render(gpu: str = "cpu", precision: str = "bf16", checkpoint: str | Path | N
         "max_prompt": target.gpu.max_prompt, "max_context": target.gpu.max_context,
         "canvas_length": mcfg.canvas_length, "max_denoising_steps": scfg.max_denoising_steps,
         "default_max_tokens": scfg.max_new_tokens, "default_entropy_bound": scfg.entropy_bound,
+        "default_t_min": scfg.t_min, "default_t_max": scfg.t_max,
         "backend": backend, "onnx_dir": onnx_dir, "threads": threads or "", "max_batch": batch,
         "max_queued": 8 * batch, "engine": engine, "graph_precision": graph_precision,
     }

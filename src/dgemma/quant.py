@@ -78,8 +78,12 @@ _CPU_LIB = None
 def nvfp4_fake_quant_cpu(x: Tensor, block: int, amax: Tensor) -> Tensor:
     """x [..., K] (K % block == 0) -> e2m1 values in 16-blocks with e4m3 block scales and fp32 global scale
     amax / (6 * 448), dequantized back to x.dtype. Ties round to even, as NVFP4QTensor._cast_fp4 does."""
+    return nvfp4_fake_quant_scaled(x, block, amax.float().amax() / (6.0 * 448.0))
+
+
+def nvfp4_fake_quant_scaled(x: Tensor, block: int, s2: Tensor) -> Tensor:
+    """nvfp4_fake_quant_cpu with the fp32 global scale s2 given (the checkpoint's input_scale = amax / (6 * 448))."""
     xf = x.float().reshape(-1, block)
-    s2 = amax.float().amax() / (6.0 * 448.0)
     s = xf.abs().amax(-1, keepdim=True) / (6.0 * s2)
     s = torch.where(s == 0, torch.ones_like(s), s).clamp(2**-9, 448.0).to(torch.float8_e4m3fn).float()
     a = (xf / (s * s2)).abs()

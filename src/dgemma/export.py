@@ -205,8 +205,10 @@ def _name_dims(proto, graph: str, cfg, precision: str) -> None:
 
 
 def export_graph(model: DiffusionGemma, graph: str, out_path: Path, precision: str,
-                 exporter: str = "auto") -> dict:
-    """Export one graph to out_path (model.onnx [+ model.onnx.data]); returns {exporter, seconds}."""
+                 exporter: str = "auto", opset: int = OPSET, translations: dict | None = None) -> dict:
+    """Export one graph to out_path (model.onnx [+ model.onnx.data]); returns {exporter, seconds}.
+
+    translations: custom_translation_table for the dynamo exporter (quantized models, dgemma.export_quant)."""
     import onnx
 
     cfg = model.cfg
@@ -221,7 +223,8 @@ def export_graph(model: DiffusionGemma, graph: str, out_path: Path, precision: s
             with torch.no_grad():
                 if kind == "dynamo":
                     prog = torch.onnx.export(wrapper, args, dynamo=True, input_names=in_names,
-                                             output_names=out_names, opset_version=OPSET, optimize=True,
+                                             output_names=out_names, opset_version=opset, optimize=True,
+                                             custom_translation_table=translations,
                                              dynamic_shapes=_dynamic_shapes(graph, cfg, precision), verbose=False)
                     proto = prog.model_proto
                 else:
@@ -274,17 +277,23 @@ def file_sha256(path: Path) -> str:
 
 
 def export_onnx(model: DiffusionGemma, precision: str, out_root: str | Path = DEFAULT_OUT,
-                checkpoint: str | Path | None = None, exporter: str = "auto") -> Path:
-    """Both graphs + manifest.json into out_root/<precision>/, written atomically (temp dir, then rename)."""
+                checkpoint: str | Path | None = None, exporter: str = "auto", quantized=None) -> Path:
+    """Both graphs + manifest.json into out_root/<precision>/, written atomically (temp dir, then rename).
+
+    quantized: a dgemma.export_quant.QuantizedExport for fp8/nvfp4 (the model is then its export model, already in
+    the graph dtype: .to() would upcast the stored low-precision weights)."""
     import onnx
 
     import dgemma
 
     dtype = graphs.kv_dtype(precision)
-    if precision in ("fp8", "nvfp4"):
-        raise ConfigError(f"export precision {precision!r} needs a ModelOpt-quantized checkpoint (`make quantize "
-                          f"PRECISION={precision}`), which this export does not read yet; use bf16 or fp32.")
-    model = model.to(_TORCH[dtype]).eval()
+    if (precision in ("fp8", "nvfp4")) != (quantized is not None):
+        raise ConfigError(f"export precision {precision!r} needs a ModelOpt-quantized model: run `dgemma export "
+                          f"--precision {precision}` (reads quantize/{precision}/, made by `make quantize "
+                          f"PRECISION={precision}`)." if quantized is None else
+                          f"a quantized export needs --precision fp8 or nvfp4, not {precision!r}.")
+    opset, translations = (quantized.opset, quantized.translations) if quantized else (OPSET, None)
+    model = (model if quantized else model.to(_TORCH[dtype])).eval()
     model.set_experts_impl("dense")  # grouped uses F.grouped_mm, which has no ONNX op
     out_root = Path(out_root)
     final = out_root / precision
@@ -294,7 +303,7 @@ def export_onnx(model: DiffusionGemma, precision: str, out_root: str | Path = DE
         info = {}
         for g in graphs.GRAPHS:
             (tmp / g).mkdir()
-            info[g] = export_graph(model, g, tmp / g / "model.onnx", precision, exporter)
+            info[g] = export_graph(model, g, tmp / g / "model.onnx", precision, exporter, opset, translations)
             files = sorted((tmp / g).iterdir())
             info[g]["files"] = {f.name: f.stat().st_size for f in files}
             info[g]["sha256"] = file_sha256(tmp / g / "model.onnx")
@@ -304,9 +313,10 @@ def export_onnx(model: DiffusionGemma, precision: str, out_root: str | Path = DE
             "checkpoint_sha256": checkpoint_fingerprint(checkpoint) if checkpoint else None,
             "model_config": model.cfg.to_hf_dict() | {"canvas_length": model.cfg.canvas_length},
             "dgemma_version": dgemma.__version__, "torch_version": torch.__version__,
-            "onnx_version": onnx.__version__, "opset": OPSET, "experts_impl": "dense",
+            "onnx_version": onnx.__version__, "opset": opset, "experts_impl": "dense",
             "contract_sha256": graphs.contract_hash(model.cfg, precision),
             "io_contract": graphs.contract(model.cfg, precision), "graphs": info,
+            **(quantized.manifest if quantized else {}),
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
         publish_dir(tmp, final)
@@ -355,12 +365,19 @@ def cli_export(args) -> int:
 
     if args.precision not in graphs.PRECISION_DTYPES:
         raise ConfigError(f"unknown --precision {args.precision!r}; valid: {', '.join(graphs.PRECISION_DTYPES)}.")
+    from .export_quant import QUANTIZED, export_quantized
     from .tiny import ensure_tiny
 
-    ck = Path(args.checkpoint) if args.checkpoint else ensure_tiny()
-    model, _cfg, _s, _tok = load_model(str(ck), "cpu", None)
     t0 = time.perf_counter()
-    out = export_onnx(model, args.precision, args.out, checkpoint=ck, exporter=args.exporter)
+    if args.precision in QUANTIZED:  # from the `dgemma quantize` output; --checkpoint only checks its source
+        if args.exporter == "legacy":
+            raise ConfigError("quantized graphs need the dynamo exporter (custom Q/DQ translations); drop "
+                              "--exporter legacy.")
+        out = export_quantized(args.precision, args.quantized, args.out, checkpoint=args.checkpoint)
+    else:
+        ck = Path(args.checkpoint) if args.checkpoint else ensure_tiny()
+        model, _cfg, _s, _tok = load_model(str(ck), "cpu", None)
+        out = export_onnx(model, args.precision, args.out, checkpoint=ck, exporter=args.exporter)
     m = read_manifest(out)
     for g in graphs.GRAPHS:
         size = sum(m["graphs"][g]["files"].values())
@@ -372,8 +389,11 @@ def cli_export(args) -> int:
 
 def add_parsers(sub) -> None:
     e = sub.add_parser("export", help="export the encoder and denoiser graphs to ONNX (build/onnx/<precision>/)")
-    e.add_argument("--precision", default="bf16", help="bf16 | fp32 (fp32: CPU / ONNX Runtime reference)")
-    e.add_argument("--checkpoint", help="checkpoint dir (default: the embedded trained tiny model)")
+    e.add_argument("--precision", default="bf16", help="bf16 | fp32 (CPU / ONNX Runtime reference) | fp8 | nvfp4 "
+                   "(Q/DQ graphs from a `dgemma quantize` output)")
+    e.add_argument("--checkpoint", help="checkpoint dir (default: the embedded trained tiny model); fp8/nvfp4: "
+                   "checked against the quantized model's source")
+    e.add_argument("--quantized", help="fp8/nvfp4: the `dgemma quantize` output (default: quantize/<precision>/)")
     e.add_argument("--out", default=str(DEFAULT_OUT))
     e.add_argument("--exporter", default="auto", choices=["auto", "dynamo", "legacy"])
     e.set_defaults(func=cli_export)

@@ -29,8 +29,10 @@ BATCH, SEQ, KV_CAPACITY = "batch", "seq", "kv_capacity"
 PAST_LENGTH = "past_length"
 CONTRACT_VERSION = 2
 
-# export precision -> dtype of weights, KV and sc_embeds ("fp32" is the CPU/ONNX Runtime reference form)
-PRECISION_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp8": "bfloat16", "nvfp4": "bfloat16"}
+# export precision -> dtype of the graph's activations, KV and sc_embeds ("fp32" is the CPU/ONNX Runtime reference
+# form). fp8 graphs are float32 so ONNX Runtime's CPU provider runs the same graph TensorRT-RTX builds (it has no bf16
+# kernels); nvfp4 graphs stay bf16 (TensorRT only). See dgemma.export_quant.
+PRECISION_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp8": "float32", "nvfp4": "bfloat16"}
 
 
 @dataclass(frozen=True)

@@ -60,8 +60,18 @@ class OrtBackend:
                                     f"{got[:12]}... (stale ONNX). {fix}")
         if verify:
             verify_files(self.onnx_dir, m)
+        if self.precision == "nvfp4":
+            raise ArtifactError(f"{self.onnx_dir}: precision 'nvfp4' graphs hold FLOAT4E2M1 weights and "
+                                "trt::TRT_FP4DynamicQuantize activations, which ONNX Runtime cannot run (TensorRT-RTX, "
+                                "SM120+, only: `make engines PRECISION=nvfp4`). Use fp8 or fp32 graphs with ONNX "
+                                "Runtime: `make onnx PRECISION=fp8` (after `make quantize PRECISION=fp8`).")
+        from ..export_quant import ORT_SESSION_CONFIG, check_quantize_source
+
+        check_quantize_source(self.onnx_dir, m)
         so = ort.SessionOptions()
         so.log_severity_level = 3
+        for k, v in ORT_SESSION_CONFIG.items():  # FP8 Q/DQ as written (harmless for plain graphs)
+            so.add_session_config_entry(k, v)
         if threads:
             so.intra_op_num_threads = threads
         self.sessions = {}

@@ -2,8 +2,9 @@
 
 Owns the one builder over the TensorRT Python API (`tensorrt` if importable, else `tensorrt_rtx`): strongly typed
 network, one optimisation profile per graph from dgemma.graphs + the GpuProfile, explicit compute capabilities
-(GPU=cpu: TensorRT-RTX ahead-of-time on the CPU for SM120 and SM89), and the manifest that ties an engine to its
-ONNX manifest. Refuses stale or mismatched inputs with the make command that rebuilds. Knows nothing of sampling.
+(GPU=cpu: TensorRT-RTX ahead-of-time on the CPU for SM120 and SM89; NVFP4 graphs SM120 only), and the manifest
+that ties an engine to its ONNX manifest. Refuses stale or mismatched inputs with the make command that rebuilds.
+Knows nothing of sampling.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from .artifacts import publish_dir
 ROOT = Path(__file__).resolve().parents[2]
 ENGINES = ROOT / "engines"
 CPU_AOT_SM = (120, 89)  # GPU=cpu: build for RTX Blackwell (and Ada) ahead of time, no GPU needed
+CPU_AOT_SM_BY_PRECISION = {"nvfp4": (120,)}  # ... except NVFP4 graphs: Ada (SM89) has FP8 but no FP4
 RTX_SM = (75, 80, 86, 89, 120, 121)  # what TensorRT-RTX 1.7 can target (no Hopper sm_90, no sm_100)
 
 
@@ -49,13 +51,35 @@ def import_trt(gpu: GpuProfile):
     return trt, "tensorrt_rtx"
 
 
-def target_sms(gpu: GpuProfile, flavour: str) -> tuple[int, ...]:
-    if gpu.sm == 0:
-        if flavour != "tensorrt_rtx":
-            raise ConfigError("GPU=cpu builds ahead of time with TensorRT-RTX, but full `tensorrt` was imported; "
-                              "use --gpu <profile> on the GPU machine instead.")
-        return CPU_AOT_SM
-    return (gpu.sm,)
+def check_sm(precision: str, sm: int, flavour: str) -> None:
+    """The hardware rule of the graph's low-precision datatype (TensorRT-RTX support matrix 1.5: FP8 on 8.9 and
+    12.x, FP4 GEMM on 12.x only; the builder itself fails with "HW-specific datatypes: fp4_e2m1" for SM89)."""
+    if flavour == "tensorrt_rtx" and sm not in RTX_SM:
+        raise ConfigError(f"SM{sm} is not a TensorRT-RTX target; valid: {', '.join(map(str, RTX_SM))}.")
+    if precision == "fp8" and sm < 89:
+        raise ConfigError(f"cannot build fp8 engines for SM{sm}: FP8 (e4m3) needs compute capability >= 8.9 "
+                          "(Ada, Hopper, Blackwell). Build for --sm 120,89.")
+    if precision == "nvfp4" and (sm < 100 or (flavour == "tensorrt_rtx" and sm not in (120, 121))):
+        raise ConfigError(f"cannot build nvfp4 engines for SM{sm}: NVFP4 (e2m1) needs FP4 tensor cores, i.e. "
+                          "compute capability 10.0 with full TensorRT or 12.x (SM120/SM121) with TensorRT-RTX; SM89 "
+                          "(Ada) has FP8 but no FP4. Build for --sm 120, or use --precision fp8 for SM89.")
+
+
+def target_sms(gpu: GpuProfile, flavour: str, precision: str = "bf16",
+               sms: tuple[int, ...] | None = None) -> tuple[int, ...]:
+    """Compute capabilities to build for: the GPU profile's, or for GPU=cpu the graph precision's ahead-of-time
+    set; `sms` forces a set. Every one is checked against the precision's hardware rule."""
+    if gpu.sm == 0 and flavour != "tensorrt_rtx":
+        raise ConfigError("GPU=cpu builds ahead of time with TensorRT-RTX, but full `tensorrt` was imported; "
+                          "use --gpu <profile> on the GPU machine instead.")
+    if sms is not None and flavour != "tensorrt_rtx":
+        raise ConfigError("--sm sets TensorRT-RTX compute capabilities; full TensorRT builds for the GPU it runs on "
+                          "(drop --sm).")
+    if sms is None:
+        sms = CPU_AOT_SM_BY_PRECISION.get(precision, CPU_AOT_SM) if gpu.sm == 0 else (gpu.sm,)
+    for sm in sms:
+        check_sm(precision, sm, flavour)
+    return tuple(sms)
 
 
 def _parse(trt, logger, path: Path, flavour: str):
@@ -115,10 +139,11 @@ def _file_sha(path: Path) -> str:
 
 
 def build_engines(gpu: str, precision: str, onnx_root: str | Path = ONNX_ROOT, out_root: str | Path = ENGINES,
-                  onnx_precision: str | None = None) -> Path:
+                  onnx_precision: str | None = None, sms: tuple[int, ...] | None = None) -> Path:
     """engines/<gpu>/<precision>/{encoder,denoiser}.plan + manifest.json, written atomically.
 
     onnx_precision: which build/onnx/<p>/ to read (default: `precision`; fp32 graphs serve tests on CPU).
+    sms: force the compute capabilities (default: the GPU profile's; GPU=cpu: the graph precision's AOT set).
     """
     target = resolve(gpu, precision)
     prof = target.gpu
@@ -130,6 +155,9 @@ def build_engines(gpu: str, precision: str, onnx_root: str | Path = ONNX_ROOT, o
         raise ArtifactError(f"{onnx_dir}/manifest.json says precision {m.get('precision')!r}, expected "
                             f"{onnx_precision!r}. {fix}")
     verify_files(onnx_dir, m)
+    from .export_quant import check_quantize_source
+
+    check_quantize_source(onnx_dir, m)  # fp8/nvfp4: refuse graphs whose quantize/<p>/ was rewritten since export
     cfg = ModelConfig.from_hf_dict(m["model_config"], source=str(onnx_dir / "manifest.json"))
     if m.get("contract_sha256") != graphs.contract_hash(cfg, onnx_precision):
         raise ArtifactError(f"{onnx_dir}: IO contract {m.get('contract_sha256')} in the manifest, this dgemma "
@@ -137,7 +165,7 @@ def build_engines(gpu: str, precision: str, onnx_root: str | Path = ONNX_ROOT, o
     # before anything is built: both engines + KV buffers must fit the GPU (raises with the numbers and what fits)
     check_memory(target, cfg, engines=len(graphs.GRAPHS))
     trt, flavour = import_trt(prof)
-    sms = target_sms(prof, flavour)
+    sms = target_sms(prof, flavour, onnx_precision, sms)
     out_root = Path(out_root)
     final = out_root / prof.name / precision
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -159,6 +187,7 @@ def build_engines(gpu: str, precision: str, onnx_root: str | Path = ONNX_ROOT, o
             "precision": precision, "onnx_precision": onnx_precision, "compute_capabilities": list(sms),
             "tensorrt": {"flavour": flavour, "version": trt.__version__},
             "onnx_dir": str(onnx_dir), "onnx_manifest_sha256": _file_sha(onnx_dir / "manifest.json"),
+            "onnx_dtype": m.get("dtype"), "quantization": m.get("quantization"),
             "contract_sha256": m.get("contract_sha256"), "model_config": m["model_config"], "engines": info,
         }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
@@ -188,7 +217,14 @@ def check_engines(engine_dir: str | Path, onnx_root: str | Path = ONNX_ROOT) -> 
 # -- CLI --------------------------------------------------------------------------------------------------------
 def cli_build(args) -> int:
     t0 = time.perf_counter()
-    out = build_engines(args.gpu, args.precision, args.onnx, args.out, onnx_precision=args.onnx_precision)
+    sms = None
+    if args.sm:
+        try:
+            sms = tuple(int(x) for x in args.sm.split(","))
+        except ValueError:
+            raise ConfigError(f"--sm takes compute capabilities x10, comma separated (e.g. 120,89); got "
+                              f"{args.sm!r}.") from None
+    out = build_engines(args.gpu, args.precision, args.onnx, args.out, onnx_precision=args.onnx_precision, sms=sms)
     m = json.loads((out / "manifest.json").read_text())
     for g, e in m["engines"].items():
         print(f"{g}: {out / (g + '.plan')} ({e['bytes'] / 1e6:.2f} MB, {e['seconds']:.1f} s)")
@@ -199,9 +235,11 @@ def cli_build(args) -> int:
 
 def add_parsers(sub) -> None:
     b = sub.add_parser("build", help="build TensorRT engines from build/onnx/<precision>/ (engines/<gpu>/<precision>/)")
-    b.add_argument("--gpu", default="cpu", help="GPU profile (cpu: TensorRT-RTX ahead-of-time for SM120 + SM89)")
+    b.add_argument("--gpu", default="cpu", help="GPU profile (cpu: TensorRT-RTX ahead-of-time: SM120 + SM89; "
+                   "nvfp4: SM120 only)")
     b.add_argument("--precision", default="bf16")
     b.add_argument("--onnx-precision", help="read build/onnx/<this>/ instead (e.g. fp32 graphs)")
+    b.add_argument("--sm", help="force compute capabilities x10, comma separated (e.g. 120,121)")
     b.add_argument("--onnx", default=str(ONNX_ROOT))
     b.add_argument("--out", default=str(ENGINES))
     b.set_defaults(func=cli_build)

@@ -6,6 +6,7 @@ PY := $(VENV)/bin/python
 GPU ?= cpu
 PRECISION ?= bf16
 CKPT ?=
+QUANTIZED ?=
 SEED ?= 0
 STAMP := $(VENV)/.dgemma-installed
 
@@ -97,10 +98,14 @@ generate: $(STAMP)
 	$(PY) -m dgemma generate $(if $(CKPT),--checkpoint $(CKPT)) --prompt "$(PROMPT)" --seed $(SEED)
 
 # ONNX graphs (encoder, denoiser) -> build/onnx/$(PRECISION)/; PRECISION=fp32 gives graphs ONNX Runtime CPU runs.
+# PRECISION=fp8|nvfp4: Q/DQ graphs from `make quantize PRECISION=...` (quantize/$(PRECISION)/, or QUANTIZED=dir);
+# fp8 graphs run in ONNX Runtime too, nvfp4 graphs only in TensorRT-RTX (SM120).
 onnx: $(STAMP)
-	$(PY) -m dgemma export --precision $(PRECISION) $(if $(CKPT),--checkpoint $(CKPT))
+	$(PY) -m dgemma export --precision $(PRECISION) $(if $(CKPT),--checkpoint $(CKPT)) \
+		$(if $(QUANTIZED),--quantized $(QUANTIZED))
 
-# TensorRT engines -> engines/$(GPU)/$(PRECISION)/; GPU=cpu builds ahead of time with TensorRT-RTX (SM120, SM89).
+# TensorRT engines -> engines/$(GPU)/$(PRECISION)/; GPU=cpu builds ahead of time with TensorRT-RTX (SM120 + SM89;
+# nvfp4: SM120 only, Ada has no FP4).
 engines: $(STAMP)
 	$(PY) -m dgemma build --gpu $(GPU) --precision $(PRECISION)
 

@@ -308,15 +308,13 @@ class QExperts(nn.Module):
         return (y.float() * dense_w.t().unsqueeze(-1)).sum(dim=0).to(x.dtype)
 
 
-def _as_stored(precision: str, t: Tensor) -> Tensor:
+def _as_stored(precision: str, name: str, t: Tensor) -> Tensor:
     """Checkpoint weight tensor -> the dtype the graph stores: fp8 as is, packed e2m1 pairs as float4_e2m1fn_x2."""
-    if precision == "nvfp4":
-        if t.dtype != torch.uint8:
-            raise ArtifactError(f"nvfp4 weight stored as {t.dtype}, expected packed uint8 e2m1 pairs.")
-        return t.view(torch.float4_e2m1fn_x2)
-    if t.dtype != torch.float8_e4m3fn:
-        raise ArtifactError(f"fp8 weight stored as {t.dtype}, expected float8_e4m3fn.")
-    return t
+    want = torch.uint8 if precision == "nvfp4" else torch.float8_e4m3fn
+    if t.dtype != want:
+        raise ArtifactError(f"{name} is stored as {t.dtype}; a {precision} checkpoint stores {want} (nvfp4: packed "
+                            f"e2m1 pairs). Rebuild with: {_fix(precision)}")
+    return t.view(torch.float4_e2m1fn_x2) if precision == "nvfp4" else t
 
 
 def load_export_model(quant_dir: str | Path, precision: str):
@@ -348,13 +346,14 @@ def load_export_model(quant_dir: str | Path, precision: str):
             if name.endswith(_RAW_WEIGHT):
                 raise ArtifactError(f"{quant_dir}: {name} is quantized, but Ops.route reads its weight raw; it must "
                                     "stay excluded (dgemma.quant.EXCLUDED). Rebuild with: " + _fix(precision))
-            new = QLinear(precision, _as_stored(precision, take(f"{base}.weight")), take(f"{base}.weight_scale"),
+            new = QLinear(precision, _as_stored(precision, f"{base}.weight", take(f"{base}.weight")),
+                          take(f"{base}.weight_scale"),
                           take(f"{base}.input_scale"),
                           take(f"{base}.weight_scale_2") if precision == "nvfp4" else None)
         elif isinstance(mod, Experts) and f"{base}.gate_up_proj_weight_scale" in t:
             names = {}
             for proj in ("gate_up_proj", "down_proj"):
-                names[proj] = _as_stored(precision, take(f"{base}.{proj}"))
+                names[proj] = _as_stored(precision, f"{base}.{proj}", take(f"{base}.{proj}"))
                 for suffix in ("weight_scale", "input_scale") + (("weight_scale_2",) if precision == "nvfp4" else ()):
                     names[f"{proj}_{suffix}"] = take(f"{base}.{proj}_{suffix}")
             new = QExperts(precision, mod.num_experts, mod.inter, names)

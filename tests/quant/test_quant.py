@@ -2,7 +2,6 @@
 exclusions, the CPU NVFP4 kernel against ModelOpt's pure-torch reference, outputs, errors and atomicity."""
 
 import json
-import random
 
 import pytest
 import torch
@@ -16,28 +15,6 @@ from dgemma.errors import ArtifactError  # noqa: E402
 from dgemma.quant_export import load_quantized  # noqa: E402
 from dgemma.tiny import DEFAULT_CHECKPOINT  # noqa: E402
 from dgemma.tokens import Tokenizer  # noqa: E402
-from dgemma.train import SortTask  # noqa: E402
-
-
-def _write_prompts(path, seed, n, generic=()):
-    rng = random.Random(seed)
-    rows = [SortTask().example(rng)[0] for _ in range(n)] + list(generic)
-    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in rows))
-    return path
-
-
-@pytest.fixture(scope="module")
-def prompt_files(tmp_path_factory):
-    d = tmp_path_factory.mktemp("calib")
-    return (_write_prompts(d / "calib.jsonl", 7, 6, ["What is the capital of France?"]),
-            _write_prompts(d / "heldout.jsonl", 8, 6))
-
-
-@pytest.fixture(scope="module")
-def outputs(tmp_path_factory, prompt_files):
-    out = tmp_path_factory.mktemp("quantize")
-    calib, held = prompt_files
-    return {p: quant.run(p, out=out, calib=calib, heldout=held, eval_n=10) for p in quant.PRECISIONS}
 
 
 def _small_quantized(precision):

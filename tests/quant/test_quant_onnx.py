@@ -26,15 +26,9 @@ TP = onnx.TensorProto
 
 
 @pytest.fixture(scope="module")
-def quant_dirs(tmp_path_factory):
-    """quantize/<p>/ for fp8 and nvfp4: real ModelOpt calibration through both passes (small prompt set)."""
-    from dgemma.train import SortTask
-
-    d = tmp_path_factory.mktemp("quantize")
-    rng = random.Random(11)
-    calib = d / "calib.jsonl"
-    calib.write_text("".join(json.dumps({"text": SortTask().example(rng)[0]}) + "\n" for _ in range(3)))
-    return {p: quant.run(p, out=d, calib=calib, heldout=None, eval_n=2) for p in quant.PRECISIONS}
+def quant_dirs(outputs):
+    """quantize/<p>/ for fp8 and nvfp4 (tests/quant/conftest.py: real ModelOpt calibration through both passes)."""
+    return outputs
 
 
 @pytest.fixture(scope="module")
@@ -147,9 +141,10 @@ def _err(x, ref):
 def test_fp8_ort_matches_modelopt_fake_quant(fp8_logits):
     """ORT runs the FP8 graphs with ModelOpt's scales; what remains vs ModelOpt's fake quant in fp32 is fp32 summation
     order plus the rare activation sitting on an e4m3 rounding boundary (ONNX divides by amax/448, ModelOpt multiplies
-    by 448/amax). Measured: rel RMS 1.0e-4, rel max 2.1e-3, top-1 100 %, against a quantization error (fake quant vs
-    unquantized fp32) of rel RMS 1.7e-2, rel max 7e-2: the bounds below keep ~10x margin and require the export error
-    to stay an order of magnitude below the quantization error it implements."""
+    by 448/amax). Measured (two calibration sets): rel RMS 3e-5..1e-4 (3e-4 on a 3-prompt set), rel max 6e-4..5e-3,
+    top-1 100 %, against a quantization error (fake quant vs unquantized fp32) of rel RMS 1.4..1.7e-2, rel max
+    5..7e-2: the bounds keep >= 3x margin on the worst seen and require the export error to stay an order of
+    magnitude below the quantization error it implements."""
     lg = fp8_logits
     e = {k: _err(lg["ort"], lg[k]) for k in ("fq_fp32", "fq_bf16", "fp32")}
     quant_err = _err(lg["fq_fp32"], lg["fp32"])

@@ -19,6 +19,7 @@ from dgemma import export_quant as eq  # noqa: E402
 from dgemma import quant  # noqa: E402
 from dgemma.cli import main  # noqa: E402
 from dgemma.errors import ArtifactError, ConfigError  # noqa: E402
+from dgemma.qdq_ops import nvfp4_qdq  # noqa: E402
 from dgemma.tiny import DEFAULT_CHECKPOINT  # noqa: E402
 
 GRAPHS = ("encoder", "denoiser")
@@ -222,7 +223,7 @@ def test_nvfp4_weights_decode_to_modelopt(onnx_root, fake_quant):
     x = torch.randn(3, 5, 128, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
     lin = ref.get_submodule("layers.0.self_attn.q_proj")
     scale = (lin.input_quantizer.amax.float() / (448 * 6)).reshape(())
-    assert torch.equal(eq.nvfp4_qdq(x, scale), lin.input_quantizer(x))
+    assert torch.equal(nvfp4_qdq(x, scale), lin.input_quantizer(x))
 
 
 def test_ort_refuses_nvfp4(onnx_root):

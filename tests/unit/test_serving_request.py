@@ -176,7 +176,8 @@ def test_render_graph_models_from_graphs_contract(tmp_path, gpu):
 @pytest.mark.parametrize("gpu, precision", [("h100", "fp8"), ("b200", "nvfp4"), ("h200", "bf16")])
 def test_render_tensorrt_plan_variant(tmp_path, gpu, precision):
     """Where Triton has the tensorrt backend (an NGC build; not this one): platform tensorrt_plan over
-    engines/<gpu>/<precision>/<graph>.plan, bf16 tensors, no model.py (render only: nothing here can run it)."""
+    engines/<gpu>/<precision>/<graph>.plan, tensors in the precision's graph dtype (bf16; fp8 graphs are fp32), no
+    model.py (render only: nothing here can run it)."""
     from dgemma import graphs
     from dgemma.serving.render import ROOT, render
 
@@ -187,7 +188,8 @@ def test_render_tensorrt_plan_variant(tmp_path, gpu, precision):
         assert 'platform: "tensorrt_plan"' in text and 'backend: "python"' not in text
         assert 'default_model_filename: "model.plan"' in text and "kind: KIND_GPU" in text
         assert f"max_batch_size: {PROFILES[gpu].max_batch}\n" in text and "dynamic_batching {" in text
-        assert f'name: "{graphs.past_key(0)}" data_type: TYPE_BF16' in text
+        want = {"bfloat16": "TYPE_BF16", "float32": "TYPE_FP32"}[graphs.kv_dtype(precision)]
+        assert f'name: "{graphs.past_key(0)}" data_type: {want}' in text
         assert (d / "1" / "model.plan").is_symlink()
         assert (d / "1" / "model.plan").readlink() == ROOT / "engines" / gpu / precision / f"{g}.plan"
         assert not (d / "1" / "model.py").exists()

@@ -41,9 +41,11 @@ demo: $(STAMP)
 	$(PY) -m dgemma eval --n 100 --steps 16 --fixed-steps
 	@echo "== pipeline on the tiny model: quantize fp8 -> onnx -> engines (GPU=cpu) -> generate through ONNX Runtime =="
 	time $(PY) -m dgemma quantize --precision fp8 --eval-n 20 --heldout "" --out build/demo-quantize
+	time $(PY) -m dgemma export --precision fp8 --quantized build/demo-quantize/fp8
+	time $(PY) -m dgemma build --gpu cpu --precision fp8
+	time $(PY) -m dgemma generate --backend ort --precision fp8 --prompt "sort: 5 2 8 1 9 0 3 3 7 4" --seed $(SEED)
+	@echo "== fp32 graphs: the ONNX Runtime reference the Triton loop below runs =="
 	time $(PY) -m dgemma export --precision fp32
-	time $(PY) -m dgemma build --gpu cpu --precision bf16 --onnx-precision fp32
-	time $(PY) -m dgemma generate --backend ort --precision fp32 --prompt "sort: 5 2 8 1 9 0 3 3 7 4" --seed $(SEED)
 	@echo "== Triton: tritonserver on 127.0.0.1 (GPU=cpu, tiny model, ONNX graphs above), prompts over gRPC =="
 	@rm -f build/demo-serve.json; mkdir -p build; \
 	$(PY) -m dgemma serve --gpu cpu --precision bf16 --ready-file build/demo-serve.json > build/demo-serve.out 2>&1 & \
@@ -55,7 +57,7 @@ demo: $(STAMP)
 	url=$$($(PY) -c "import json; print(json.load(open('build/demo-serve.json'))['grpc'])"); \
 	metrics=$$($(PY) -c "import json; print(json.load(open('build/demo-serve.json'))['metrics'])"); \
 	$(PY) -m dgemma client --url $$url --health && \
-	$(PY) -m dgemma client --url $$url --prompt "sort: 3 1 4 1 5 9 2 6 5 3" --seed $(SEED) --stream --max-tokens 64 && \
+	$(PY) -m dgemma client --url $$url --prompt "sort: 3 1 4 1 5 9 2 6 5 3" --seed $(SEED) --stream --drafts --max-tokens 64 && \
 	$(PY) -m dgemma client --url $$url --prompt "sort: 8 0 7 2 2 9 4 1 6 3" --seed $(SEED) --json && \
 	$(PY) -m dgemma client --url $$url --prompt "sort: 5 2 8 1 9 0 3 3 7 4" --seed $(SEED) && \
 	$(PY) -m dgemma client --url $$url --stats && \

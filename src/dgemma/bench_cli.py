@@ -64,7 +64,7 @@ def _write(out_dir: Path, name: str, record: dict) -> Path:
 
 
 def _summary(name: str, m: dict, roof: dict, res: dict) -> str:
-    f = lambda x, nd=1: "–" if x is None else f"{x:,.{nd}f}"  # noqa: E731
+    f = lambda x, nd=1: "–" if x is None or x != x else f"{x:,.{nd}f}"  # noqa: E731  (None / NaN: no figure)
     line = (f"{name:<13} gen {f(m['generation_tok_s']):>9} tok/s | e2e {f(m['e2e_tok_s']):>9} tok/s | step p50 "
             f"{f(m['step_ms_p50'], 2)} ms (denoise {f(m['denoise_ms_p50'], 2)}, floor {f(roof['step_floor_ms'], 2)}) | "
             f"steps/canvas {f(m['mean_steps_per_canvas'])} | TPF {f(m['tokens_per_forward'], 2)}")

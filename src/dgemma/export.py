@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import shutil
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -220,7 +222,11 @@ def export_graph(model: DiffusionGemma, graph: str, out_path: Path, precision: s
     tmp = out_path.with_suffix(".raw.onnx")
     for kind in (["dynamo", "legacy"] if exporter == "auto" else [exporter]):
         try:
-            with torch.no_grad():
+            # the exporters' deprecation/axis-renaming warnings (and "torchvision is not installed") say nothing
+            # actionable to a user of this CLI
+            logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
+            with torch.no_grad(), warnings.catch_warnings():
+                warnings.simplefilter("ignore", (UserWarning, FutureWarning, DeprecationWarning))
                 if kind == "dynamo":
                     prog = torch.onnx.export(wrapper, args, dynamo=True, input_names=in_names,
                                              output_names=out_names, opset_version=opset, optimize=True,

@@ -40,13 +40,8 @@ def ort_backend(target, checkpoint: Path | None, cfg, override: str | None, max_
 
 def trt_backend(target, max_context: int | None):
     """TensorRT engines from engines/<gpu>/<precision>/ (TrtBackend raises ConfigError without TensorRT or GPU)."""
-    try:
-        from .runtime.trt_backend import TrtBackend
-    except ModuleNotFoundError as e:
-        if e.name != "dgemma.runtime.trt_backend":
-            raise
-        raise ConfigError("TensorRT backend unavailable: this dgemma has no dgemma.runtime.trt_backend yet. Use "
-                          "--backend fast (CUDA) or --backend ort (ONNX Runtime).") from None
+    from .runtime.trt_backend import TrtBackend
+
     d = ROOT / "engines" / target.gpu.name / target.precision.value
     if not (d / "manifest.json").exists():
         raise ArtifactError(f"{d}/manifest.json not found: --backend trt needs TensorRT engines there. Build them "

@@ -82,7 +82,7 @@ def cmd_generate(args) -> int:
         ids = tok.encode_chat(args.prompt or "")
     if not ids:
         raise ConfigError("the prompt is empty; pass --prompt TEXT or --prompt-ids 2,105,...")
-    backend = make_backend(args.backend, model, args.precision, max_context)
+    backend = make_backend(args.backend, model, args.precision, max_context, gpu=args.gpu)
     prompt = torch.tensor([ids], dtype=torch.int64, device=backend.device)
 
     def on_step(ev):
@@ -180,8 +180,9 @@ def cmd_init_tiny(args) -> int:
     return 0
 
 
-def make_backend(name: str, model, precision: str, max_context: int | None):
-    """Backend by name; `fast` is the CUDA-graph/FP8 path (falls back to eager code on CPU)."""
+def make_backend(name: str, model, precision: str, max_context: int | None, gpu: str | None = None):
+    """Backend by name; `fast` is the CUDA-graph/FP8 path (falls back to eager code on CPU); `trt` runs the
+    engines in engines/<gpu>/<precision>/ (gpu: the profile; default: this machine's GPU, else cpu)."""
     from .runtime.torch_backend import TorchBackend
 
     if name == "torch":
@@ -202,7 +203,16 @@ def make_backend(name: str, model, precision: str, max_context: int | None):
 
         return OrtBackend(Path(__file__).resolve().parents[2] / "build" / "onnx" / precision, cfg=model.cfg,
                           max_context=max_context)
-    raise ConfigError(f"unknown backend {name!r}; valid here: torch, fast, ort (trt/triton arrive with their stages).")
+    if name == "trt":
+        import torch
+
+        from .bench_cli import trt_backend
+        from .profiles import for_device, resolve
+
+        if gpu is None:
+            gpu = for_device(torch.cuda.get_device_name()) if torch.cuda.is_available() else "cpu"
+        return trt_backend(resolve(gpu, precision), max_context)
+    raise ConfigError(f"unknown backend {name!r}; valid: torch, fast, ort, trt (bench also has triton).")
 
 
 def cmd_report(args) -> int:
@@ -247,8 +257,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], help="default: the checkpoint's dtype")
     g.add_argument("--max-context", help="KV buffer capacity in tokens (prompt + output)")
     g.add_argument("--infill", help="canvas template: '_' = one hole token, other text stays fixed at every step")
-    g.add_argument("--backend", default="torch", help="torch | fast | ort (ort reads build/onnx/<precision>)")
-    g.add_argument("--precision", default="bf16", help="bf16 | fp8 (fast) | fp32 (ort reference graphs)")
+    g.add_argument("--backend", default="torch",
+                   help="torch | fast | ort (reads build/onnx/<precision>) | trt (reads engines/<gpu>/<precision>)")
+    g.add_argument("--gpu", help="GPU profile of the trt engines (default: this machine's GPU, else cpu)")
+    g.add_argument("--precision", default="bf16", help="bf16 | fp8 (fast, ort, trt) | nvfp4 (trt) | fp32 (ort reference graphs)")
     g.set_defaults(func=cmd_generate)
 
     from . import bench_cli

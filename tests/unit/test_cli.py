@@ -52,4 +52,16 @@ def test_module_entry_point_reports_missing_checkpoint(tmp_path):
 
 def test_unknown_backend_lists_valid_ones(tiny_dir, capsys):
     assert main(["generate", "--checkpoint", str(tiny_dir), "--prompt", "hi", "--backend", "tpu"]) == 2
-    assert "unknown backend 'tpu'; valid here: torch, fast, ort" in capsys.readouterr().err
+    assert "unknown backend 'tpu'; valid: torch, fast, ort, trt" in capsys.readouterr().err
+
+
+def test_generate_trt_backend_names_engines_and_gpu(capsys):
+    """`dgemma generate --backend trt`: missing engines name the path and the make command; an impossible
+    GPU/precision pair names the rule and the pairs that work."""
+    from dgemma.cli import main
+
+    assert main(["generate", "--backend", "trt", "--gpu", "rtx5090", "--precision", "fp8", "--prompt", "x"]) != 0
+    err = capsys.readouterr().err
+    assert "engines/rtx5090/fp8/manifest.json not found" in err and "make engines GPU=rtx5090 PRECISION=fp8" in err
+    assert main(["generate", "--backend", "trt", "--gpu", "h100", "--precision", "nvfp4", "--prompt", "x"]) != 0
+    assert "--gpu b200/rtx5090/dgx-spark for nvfp4" in capsys.readouterr().err

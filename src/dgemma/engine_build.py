@@ -200,11 +200,10 @@ def build_engines(gpu: str, precision: str, onnx_root: str | Path = ONNX_ROOT, o
 
 def check_engines(engine_dir: str | Path, onnx_root: str | Path = ONNX_ROOT) -> dict:
     """The engine manifest, after checking it still matches the ONNX it was built from (else: make engines)."""
+    from .runtime.trt_backend import read_engine_manifest
+
     engine_dir = Path(engine_dir)
-    try:
-        m = json.loads((engine_dir / "manifest.json").read_text())
-    except FileNotFoundError:
-        raise ArtifactError(f"{engine_dir}/manifest.json not found. Run `make engines GPU=... PRECISION=...`.") from None
+    m = read_engine_manifest(engine_dir)
     onnx_manifest = Path(onnx_root) / m["onnx_precision"] / "manifest.json"
     got = _file_sha(onnx_manifest) if onnx_manifest.exists() else "missing"
     if got != m["onnx_manifest_sha256"]:

@@ -25,6 +25,7 @@ from . import graphs
 from .errors import ArtifactError, ConfigError
 from .model import DiffusionGemma, _repeat_kv
 from .artifacts import publish_dir
+from .artifacts import read_manifest as read_artifact_manifest
 
 ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_OUT = ROOT / "build" / "onnx"
@@ -335,14 +336,7 @@ def export_onnx(model: DiffusionGemma, precision: str, out_root: str | Path = DE
 
 
 def read_manifest(onnx_dir: str | Path) -> dict:
-    path = Path(onnx_dir) / MANIFEST
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ArtifactError(f"{path} not found: no exported ONNX graphs in {onnx_dir}. Run `make onnx` "
-                            "(dgemma export --precision P).") from None
-    except json.JSONDecodeError as e:
-        raise ArtifactError(f"{path} is not valid JSON ({e}); re-export with `make onnx`.") from None
+    return read_artifact_manifest(onnx_dir, "exported ONNX graphs", "make onnx PRECISION=<precision>")
 
 
 def manifest_sha256(onnx_dir: str | Path) -> str:

@@ -10,7 +10,6 @@ sampling.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -18,19 +17,13 @@ from torch import Tensor
 
 from .. import graphs
 from ..config import ModelConfig
+from ..artifacts import read_manifest
 from ..errors import ArtifactError, ConfigError
 from .graph_backend import DTYPES, GraphBackend
 
 
 def read_engine_manifest(engine_dir: str | Path) -> dict:
-    path = Path(engine_dir) / "manifest.json"
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ArtifactError(f"{path} not found: no engines in {engine_dir}. Build them with "
-                            "`make engines GPU=<gpu> PRECISION=<precision>`.") from None
-    except json.JSONDecodeError as e:
-        raise ArtifactError(f"{path} is not valid JSON ({e}); rebuild with `make engines`.") from None
+    return read_manifest(engine_dir, "TensorRT engines", "make engines GPU=<gpu> PRECISION=<precision>")
 
 
 def check_compatible(manifest: dict, device_sm: int, device_name: str, flavour: str, version: str) -> None:

@@ -105,9 +105,7 @@ def test_sampler_on_ort_replays_torch_logits(backends):
 def test_rows_with_different_lengths_share_one_batch(backends):
     """Contract v2: per-row past_length lets requests at different positions share one denoiser / commit batch
     (what Triton's dynamic batcher does); each row equals its own torch run."""
-    import numpy as np
-
-    from dgemma.runtime.ort_backend import OrtState
+    from dgemma.runtime.graph_backend import GraphState
 
     ob, tb = backends
     g = torch.Generator().manual_seed(11)
@@ -120,8 +118,8 @@ def test_rows_with_different_lengths_share_one_batch(backends):
         tb.encode(st, p)
         singles.append(so)
         refs.append(st)
-    both = OrtState(2, [s.lengths[0] for s in singles],
-                    [np.concatenate([a, b]) for a, b in zip(singles[0].kv, singles[1].kv)])
+    both = GraphState(2, [s.lengths[0] for s in singles],
+                      [torch.cat([a, b]) for a, b in zip(singles[0].kv, singles[1].kv)])
     t = torch.tensor(0.8)
     lo, no = ob.denoise(both, canvas, None, t)
     for r, st in enumerate(refs):
@@ -131,7 +129,7 @@ def test_rows_with_different_lengths_share_one_batch(backends):
     assert both.lengths == [9 + ob.canvas_length, 37 + ob.canvas_length]
     for r, st in enumerate(refs):
         tb.encode(st, canvas[r:r + 1])
-        one = OrtState(1, [both.lengths[r]], [a[r:r + 1] for a in both.kv])
+        one = GraphState(1, [both.lengths[r]], [a[r:r + 1] for a in both.kv])
         for j, kv in enumerate(ob.kv_tensors(one)):
             k, v = st.prefix(j // 2)
             assert rel(kv, (k, v)[j % 2]) < TOL

@@ -3,8 +3,8 @@
 Owns `GraphBackend`: the fixed-capacity KV state (torch buffers on the backend's device, per-row lengths,
 appended with dgemma.runtime.kvbuf), the feeds both graphs share (position_ids, past_length, the buffers) and
 the Backend protocol on top of one abstract call, `_run(graph, feed) -> outputs in contract order`.
-TrtBackend runs the feeds through TensorRT engines, BlsBackend through Triton BLS requests. Knows nothing of
-sampling.
+OrtBackend runs the feeds through ONNX Runtime, TrtBackend through TensorRT engines, BlsBackend through Triton
+BLS requests. Knows nothing of sampling.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ class GraphBackend:
     precision: str
     device: torch.device
     max_context: int
-    limit_source: str = "max_context"  # named in the context-overflow message
+    limit_source: str = "the KV buffers' capacity"  # named in the context-overflow message
 
     def _setup(self) -> None:
         self.vocab_size, self.canvas_length = self.cfg.vocab_size, self.cfg.canvas_length
@@ -60,7 +60,8 @@ class GraphBackend:
             raise RequestError(f"batch of {ids.shape[0]} rows, but the state was created for {state.batch}.")
         if max(state.lengths) + ids.shape[1] > self.max_context:
             raise RequestError(f"context of {max(state.lengths) + ids.shape[1]} tokens exceeds max_context="
-                               f"{self.max_context} ({self.limit_source}).")
+                               f"{self.max_context} ({self.limit_source}; {max(state.lengths)} cached + "
+                               f"{ids.shape[1]} new). Shorten the prompt, lower max_new_tokens, or raise max_context.")
 
     def _common(self, state: GraphState, n: int) -> dict[str, Tensor]:
         lengths = torch.tensor(state.lengths, dtype=torch.int64, device=self.device)
@@ -83,3 +84,9 @@ class GraphBackend:
         logits, nxt = self._run(graphs.DENOISER, {"canvas_ids": canvas, "sc_embeds": sc, "temperature": temp,
                                                   **self._common(state, c)})
         return logits, nxt
+
+    # -- for tests/inspection -----------------------------------------------------------------------------------
+    def kv_tensors(self, state: GraphState) -> list[Tensor]:
+        """The valid prefix of every K/V buffer (rows share one length here)."""
+        n = state.lengths[0]
+        return [a[:, :, :kvbuf.valid(self.cfg, j // 2, n)] for j, a in enumerate(state.kv)]

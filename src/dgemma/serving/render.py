@@ -206,9 +206,6 @@ def cmd_repo(args) -> int:
 
 def add_parsers(sub) -> None:
     r = sub.add_parser("repo", help="render triton_repo/ into build/triton/<gpu>/<precision>/")
-    r.add_argument("--gpu", default="cpu")
-    r.add_argument("--precision", default="bf16")
-    r.add_argument("--checkpoint", help="checkpoint dir (default: the embedded trained tiny model)")
     add_render_args(r)
     r.add_argument("--out", help="output root (default build/triton/<gpu>/<precision>)")
     r.add_argument("--config-only", action="store_true", help="models/ only: no backend copy, no artifact checks")
@@ -217,6 +214,9 @@ def add_parsers(sub) -> None:
 
 def add_render_args(p) -> None:
     """Flags shared by `dgemma repo` and `dgemma serve`."""
+    p.add_argument("--gpu", default="cpu")
+    p.add_argument("--precision", default="bf16")
+    p.add_argument("--checkpoint", help="checkpoint dir (default: the embedded trained tiny model)")
     p.add_argument("--backend", choices=BACKENDS,
                    help=f"how the canvas loop computes: ort/torch in-process, bls through the encoder/denoiser models "
                         f"(default: {CPU_BACKEND} on GPU=cpu, bls over TensorRT engines, else torch)")

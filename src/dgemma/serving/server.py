@@ -178,9 +178,6 @@ def add_parsers(sub) -> None:
     from .render import add_render_args
 
     s = sub.add_parser("serve", help="render the Triton repository and run tritonserver on 127.0.0.1")
-    s.add_argument("--gpu", default="cpu")
-    s.add_argument("--precision", default="bf16")
-    s.add_argument("--checkpoint", help="checkpoint dir (default: the embedded trained tiny model)")
     add_render_args(s)
     s.add_argument("--http-port", type=int, default=0, help="default: free ports")
     s.add_argument("--grpc-port", type=int, default=0)

@@ -49,18 +49,10 @@ def metric(m: dict[str, float], name: str, **labels) -> float:
 
 
 def batch_counts(url: str, model: str = "denoiser") -> dict[int, int]:
-    """{batch size: executions} from Triton's statistics for `model`."""
-    import tritonclient.grpc as grpcclient
+    """{batch size: executions} from Triton's statistics for `model` ({} when the repository does not serve it)."""
+    from ..client import stats
 
-    c = grpcclient.InferenceServerClient(url)
-    try:
-        st = c.get_inference_statistics(model, as_json=True)
-    finally:
-        c.close()
-    out = {}
-    for b in st["model_stats"][0].get("batch_stats", []):
-        out[int(b["batch_size"])] = int(b["compute_infer"]["count"])
-    return out
+    return stats(url).get(model, {}).get("batches", {})
 
 
 def _pct(xs, q):

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from . import graphs
 from .errors import ArtifactError, ConfigError
 from .model import DiffusionGemma, _repeat_kv
+from .runtime.graph_backend import DTYPES
 from .artifacts import publish_dir
 from .artifacts import read_manifest as read_artifact_manifest
 
@@ -152,7 +153,6 @@ class DenoiserGraph(nn.Module):
 
 
 # -- example inputs ---------------------------------------------------------------------------------------------
-_TORCH = {"int64": torch.int64, "float32": torch.float32, "bfloat16": torch.bfloat16}
 # distinct example sizes so no two symbolic dims are unified (and none is 0/1, which exporters specialise)
 _EXAMPLE = {graphs.BATCH: 2, graphs.SEQ: 3, graphs.KV_CAPACITY: 11}
 _EXAMPLE_LENGTHS = (7, 5)  # past_length per example row (<= kv_capacity)
@@ -172,7 +172,7 @@ def example_inputs(graph: str, cfg, precision: str) -> tuple[Tensor, ...]:
         elif t.name == "temperature":
             out.append(torch.full(shape, 0.7))
         else:
-            out.append(0.1 * torch.randn(shape).to(_TORCH[t.dtype]))
+            out.append(0.1 * torch.randn(shape).to(DTYPES[t.dtype]))
     return tuple(out)
 
 
@@ -300,7 +300,7 @@ def export_onnx(model: DiffusionGemma, precision: str, out_root: str | Path = DE
                           f"PRECISION={precision}`)." if quantized is None else
                           f"a quantized export needs --precision fp8 or nvfp4, not {precision!r}.")
     opset, translations = (quantized.opset, quantized.translations) if quantized else (OPSET, None)
-    model = (model if quantized else model.to(_TORCH[dtype])).eval()
+    model = (model if quantized else model.to(DTYPES[dtype])).eval()
     model.set_experts_impl("dense")  # grouped uses F.grouped_mm, which has no ONNX op
     out_root = Path(out_root)
     final = out_root / precision

@@ -102,9 +102,10 @@ class GraphRunner:
             return self._session.run(None, {t.name: feed[t.name] for t in self.inputs})
         import torch
 
+        from ..runtime.graph_backend import DTYPES
+
         with torch.no_grad():
-            dt = {"int64": torch.int64, "float32": torch.float32, "bfloat16": torch.bfloat16}
-            args = [feed[t.name].to(self.device, dt[t.dtype]) for t in self.inputs]
+            args = [feed[t.name].to(self.device, DTYPES[t.dtype]) for t in self.inputs]
             return [o.contiguous() for o in self._module(*args)]
 
     def run_batch(self, feeds: Sequence[dict[str, Any]]) -> list[list[Any]]:

@@ -20,7 +20,7 @@ from . import graphs
 from .config import ModelConfig
 from .errors import ArtifactError, ConfigError
 from .export import DEFAULT_OUT as ONNX_ROOT
-from .export import read_manifest, verify_files
+from .export import file_sha256, read_manifest, verify_files
 from .profiles import GpuProfile, check_memory, resolve
 from .artifacts import publish_dir
 
@@ -132,12 +132,6 @@ def build_graph(trt, flavour: str, onnx_path: Path, graph: str, cfg: ModelConfig
     return bytes(plan)
 
 
-def _file_sha(path: Path) -> str:
-    from .export import file_sha256
-
-    return file_sha256(path)
-
-
 def build_engines(gpu: str, precision: str, onnx_root: str | Path = ONNX_ROOT, out_root: str | Path = ENGINES,
                   onnx_precision: str | None = None, sms: tuple[int, ...] | None = None) -> Path:
     """engines/<gpu>/<precision>/{encoder,denoiser}.plan + manifest.json, written atomically.
@@ -186,7 +180,7 @@ def build_engines(gpu: str, precision: str, onnx_root: str | Path = ONNX_ROOT, o
                                                                                            prof.precisions]},
             "precision": precision, "onnx_precision": onnx_precision, "compute_capabilities": list(sms),
             "tensorrt": {"flavour": flavour, "version": trt.__version__},
-            "onnx_dir": str(onnx_dir), "onnx_manifest_sha256": _file_sha(onnx_dir / "manifest.json"),
+            "onnx_dir": str(onnx_dir), "onnx_manifest_sha256": file_sha256(onnx_dir / "manifest.json"),
             "onnx_dtype": m.get("dtype"), "quantization": m.get("quantization"),
             "contract_sha256": m.get("contract_sha256"), "model_config": m["model_config"], "engines": info,
         }
@@ -205,7 +199,7 @@ def check_engines(engine_dir: str | Path, onnx_root: str | Path = ONNX_ROOT) -> 
     engine_dir = Path(engine_dir)
     m = read_engine_manifest(engine_dir)
     onnx_manifest = Path(onnx_root) / m["onnx_precision"] / "manifest.json"
-    got = _file_sha(onnx_manifest) if onnx_manifest.exists() else "missing"
+    got = file_sha256(onnx_manifest) if onnx_manifest.exists() else "missing"
     if got != m["onnx_manifest_sha256"]:
         raise ArtifactError(f"{engine_dir}: built from ONNX manifest {m['onnx_manifest_sha256'][:12]}..., but "
                             f"{onnx_manifest} is now {got[:12]}... (stale engines). Rebuild with `make engines "

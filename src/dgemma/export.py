@@ -339,10 +339,6 @@ def read_manifest(onnx_dir: str | Path) -> dict:
     return read_artifact_manifest(onnx_dir, "exported ONNX graphs", "make onnx PRECISION=<precision>")
 
 
-def manifest_sha256(onnx_dir: str | Path) -> str:
-    return file_sha256(Path(onnx_dir) / MANIFEST)
-
-
 def verify_files(onnx_dir: str | Path, manifest: dict) -> None:
     """Each graph's files exist with the recorded sizes and model.onnx has the recorded sha256."""
     onnx_dir = Path(onnx_dir)

@@ -1,0 +1,131 @@
+"""Ahead-of-time compilation of Triton kernels for a GPU architecture, without a GPU: the CI gate of every
+production launch config.
+
+A kernel module lists its production configs as `aot_specs() -> list[AotSpec]` (kernel, signature, constexprs,
+compute capability, warps, stages). `gate(module)` compiles each with `triton.compile` for
+`GPUTarget("cuda", cc, 32)` and reads back what the hardware would get: shared memory (the compiler's metadata),
+registers per thread and spilled bytes (`ptxas -v`, the ptxas bundled in the triton wheel), and whether the PTX uses
+the architecture's tensor-core instruction (wgmma on SM90, tcgen05 on SM100, mma on SM120). Under the interpreter
+(`TRITON_INTERPRET=1`, the CPU tests) triton's own library functions are interpreted objects that cannot be
+compiled, so the gate then runs in a child process without that flag: `python -m dgemma.kernels.aot MODULE`.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+# shared memory a block may use (opt-in maximum), bytes: H100/H200 and B200 227 KiB, RTX 5090 / GB10 99 KiB
+SMEM_LIMIT = {90: 232448, 100: 232448, 120: 101376, 121: 101376}
+ARCH_NAME = {90: "sm_90a", 100: "sm_100a", 120: "sm_120a", 121: "sm_121a"}
+MMA_INSTRUCTION = {90: "wgmma", 100: "tcgen05", 120: "mma", 121: "mma"}
+ARCHS = (90, 100, 120)  # what CI compiles every production config for
+
+
+@dataclass(frozen=True)
+class AotSpec:
+    """One production launch config of one kernel for one architecture."""
+
+    label: str  # e.g. "moe_gate_up/fp8/rows<=32"
+    fn: object  # the @triton.jit kernel
+    signature: dict[str, str]  # argument -> Triton type ("*fp8e4nv", "*bf16", "i32", "fp32", "constexpr")
+    constexprs: dict[str, object] = field(default_factory=dict)
+    cc: int = 90
+    num_warps: int = 4
+    num_stages: int = 3
+    tensor_cores: bool = False  # the kernel must use the architecture's MMA instruction
+
+
+def _jit(fn):
+    """A compilable JITFunction for `fn` (interpreted kernels keep their Python function in `.fn`)."""
+    from triton.runtime.jit import JITFunction
+
+    return fn if isinstance(fn, JITFunction) else JITFunction(fn.fn)
+
+
+@functools.lru_cache(maxsize=None)
+def _ptxas(cc: int) -> Path:
+    import triton
+
+    d = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+    return d / ("ptxas" if cc < 100 else "ptxas-blackwell")
+
+
+def ptxas_stats(ptx: str, cc: int) -> tuple[int, int]:
+    """(registers per thread, spill store bytes) of the PTX's kernel, from `ptxas -v`."""
+    with tempfile.TemporaryDirectory() as d:
+        src = Path(d) / "k.ptx"
+        src.write_text(ptx)
+        r = subprocess.run([str(_ptxas(cc)), "-v", f"--gpu-name={ARCH_NAME[cc]}", str(src), "-o",
+                            str(Path(d) / "k.cubin")], capture_output=True, text=True, timeout=300)
+    if r.returncode:
+        raise RuntimeError(f"ptxas failed for {ARCH_NAME[cc]}: {r.stderr.strip()[:500]}")
+    regs = re.search(r"Used (\d+) registers", r.stderr)
+    spill = re.search(r"(\d+) bytes spill stores", r.stderr)
+    return int(regs.group(1)) if regs else 0, int(spill.group(1)) if spill else 0
+
+
+def compile_spec(spec: AotSpec) -> dict:
+    """Compile one spec (in this process; needs TRITON_INTERPRET unset) -> its row, with `problems`."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    src = ASTSource(fn=_jit(spec.fn), signature=spec.signature, constexprs=spec.constexprs)
+    k = triton.compile(src, target=GPUTarget("cuda", spec.cc, 32),
+                       options={"num_warps": spec.num_warps, "num_stages": spec.num_stages})
+    ptx = k.asm["ptx"]
+    regs, spills = ptxas_stats(ptx, spec.cc)
+    smem = int(k.metadata.shared)
+    tc = MMA_INSTRUCTION[spec.cc] in ptx
+    problems = []
+    if smem > SMEM_LIMIT[spec.cc]:
+        problems.append(f"shared memory {smem} B > {SMEM_LIMIT[spec.cc]} B on SM{spec.cc}")
+    if spills:
+        problems.append(f"{spills} B of register spills")
+    if spec.tensor_cores and not tc:
+        problems.append(f"no {MMA_INSTRUCTION[spec.cc]} in the SM{spec.cc} PTX")
+    return {"label": spec.label, "kernel": k.metadata.name, "sm": spec.cc, "warps": spec.num_warps,
+            "stages": spec.num_stages, "smem": smem, "regs": regs, "spills": spills, "tensor_cores": tc,
+            "problems": problems}
+
+
+def _compile_module(module: str) -> list[dict]:
+    mod = importlib.import_module(module)
+    return [compile_spec(s) for s in mod.aot_specs()]
+
+
+def gate(module: str) -> list[dict]:
+    """Rows of every production config of a kernel module (`module.aot_specs()`), compiled for its architecture."""
+    if not os.environ.get("TRITON_INTERPRET"):
+        return _compile_module(module)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([os.getcwd(), *sys.path])
+    r = subprocess.run([sys.executable, "-m", "dgemma.kernels.aot", module], capture_output=True, text=True,
+                       env=env, timeout=1800)
+    if r.returncode:
+        raise RuntimeError(f"AOT compile of {module} failed:\n{r.stderr[-3000:]}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def table(rows: list[dict]) -> str:
+    """The AOT figures as a markdown table (closing notes, docs)."""
+    out = ["| config | SM | warps | stages | smem B | regs | spills | tensor cores |", "|---|---|---|---|---|---|---|---|"]
+    out += [f"| {r['label']} | {r['sm']} | {r['warps']} | {r['stages']} | {r['smem']} | {r['regs']} | {r['spills']} | "
+            f"{'yes' if r['tensor_cores'] else 'no'} |" for r in rows]
+    return "\n".join(out)
+
+
+if __name__ == "__main__":
+    rows = _compile_module(sys.argv[1])
+    if "--table" in sys.argv:
+        print(table(rows), file=sys.stderr)
+    print(json.dumps(rows))

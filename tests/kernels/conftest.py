@@ -1,0 +1,20 @@
+"""Kernel tests run the Triton source under the interpreter on CPU tensors (tests/conftest.py sets TRITON_INTERPRET=1
+when no GPU is visible, before any kernel module is imported); with a GPU they run compiled."""
+
+import pytest
+
+triton = pytest.importorskip("triton")
+
+
+@pytest.fixture
+def device():
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def poison(t):
+    """Fill an output buffer with NaN (floats) or a sentinel (ints) so an unwritten element fails the test."""
+    import torch
+
+    return t.fill_(float("nan")) if t.dtype.is_floating_point else t.fill_(-7)

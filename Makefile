@@ -16,7 +16,7 @@ URL ?=
 BENCH_ARGS ?=
 LOADTEST_ARGS ?=
 
-.PHONY: venv demo test test-gpu clean-venv init-tiny train-tiny eval generate profiles bench report quantize onnx engines repo serve loadtest perf-tools
+.PHONY: venv demo test test-gpu clean-venv init-tiny train-tiny eval generate profiles bench report quantize onnx engines repo serve loadtest perf-tools probe
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -41,11 +41,11 @@ demo: $(STAMP)
 	$(PY) -m dgemma eval --n 100 --steps 16 --fixed-steps
 	@echo "== pipeline on the tiny model: quantize fp8 -> onnx -> engines (GPU=cpu) -> generate through ONNX Runtime =="
 	time $(PY) -m dgemma quantize --precision fp8 --eval-n 20 --heldout "" --out build/demo-quantize
-	time $(PY) -m dgemma export --precision fp8 --quantized build/demo-quantize/fp8
-	time $(PY) -m dgemma build --gpu cpu --precision fp8
+	time $(PY) -m dgemma onnx --precision fp8 --quantized build/demo-quantize/fp8
+	time $(PY) -m dgemma engines --gpu cpu --precision fp8
 	time $(PY) -m dgemma generate --backend ort --precision fp8 --prompt "sort: 5 2 8 1 9 0 3 3 7 4" --seed $(SEED)
 	@echo "== fp32 graphs: the ONNX Runtime reference the Triton loop below runs =="
-	time $(PY) -m dgemma export --precision fp32
+	time $(PY) -m dgemma onnx --precision fp32
 	@echo "== Triton: tritonserver on 127.0.0.1 (GPU=cpu, tiny model, ONNX graphs above), prompts over gRPC =="
 	@rm -f build/demo-serve.json; mkdir -p build; \
 	$(PY) -m dgemma serve --gpu cpu --precision bf16 --ready-file build/demo-serve.json > build/demo-serve.out 2>&1 & \
@@ -92,9 +92,10 @@ bench: $(STAMP)
 perf-tools: $(STAMP)
 	bash bench/perf/install-tools.sh $(PYTHON)
 
-# `make report GPU=h100 PRECISION=fp8` -> bench/reports/h100-fp8.md + plots; without GPU: all results in one table.
+# `make report GPU=h100 PRECISION=fp8` -> bench/reports/h100-fp8.md + plots (GPU=cpu: the CPU report); without GPU
+# on the command line: every result in one table (bench/reports/all.md). Same as `dgemma report [--gpu --precision]`.
 report: $(STAMP)
-	$(PY) -m dgemma report $(if $(filter-out cpu,$(GPU)),--gpu $(GPU) --precision $(PRECISION))
+	$(PY) -m dgemma report $(if $(filter command line environment,$(origin GPU)),--gpu $(GPU) --precision $(PRECISION))
 
 generate: $(STAMP)
 	$(PY) -m dgemma generate $(if $(CKPT),--checkpoint $(CKPT)) --prompt "$(PROMPT)" --seed $(SEED)
@@ -103,13 +104,13 @@ generate: $(STAMP)
 # PRECISION=fp8|nvfp4: Q/DQ graphs from `make quantize PRECISION=...` (quantize/$(PRECISION)/, or QUANTIZED=dir);
 # fp8 graphs run in ONNX Runtime too, nvfp4 graphs only in TensorRT-RTX (SM120).
 onnx: $(STAMP)
-	$(PY) -m dgemma export --precision $(PRECISION) $(if $(CKPT),--checkpoint $(CKPT)) \
+	$(PY) -m dgemma onnx --precision $(PRECISION) $(if $(CKPT),--checkpoint $(CKPT)) \
 		$(if $(QUANTIZED),--quantized $(QUANTIZED))
 
 # TensorRT engines -> engines/$(GPU)/$(PRECISION)/; GPU=cpu builds ahead of time with TensorRT-RTX (SM120 + SM89;
 # nvfp4: SM120 only, Ada has no FP4).
 engines: $(STAMP)
-	$(PY) -m dgemma build --gpu $(GPU) --precision $(PRECISION)
+	$(PY) -m dgemma engines --gpu $(GPU) --precision $(PRECISION)
 
 # Triton model repository -> build/triton/$(GPU)/$(PRECISION)/{models,backends}; `serve` renders it and runs
 # tritonserver on 127.0.0.1 (free gRPC/HTTP/metrics ports, printed; Ctrl-C stops it). GPU=cpu needs the fp32 ONNX
@@ -120,8 +121,14 @@ repo: $(STAMP)
 serve: $(STAMP)
 	$(PY) -m dgemma serve --gpu $(GPU) --precision $(PRECISION) $(if $(CKPT),--checkpoint $(CKPT))
 
+# Serving under load (was `dgemma loadtest`): the Triton concurrency sweep of `dgemma bench`, with the loop's step time
+# and the graph models' batch sizes per level from the server's metrics.
 loadtest: $(STAMP)
-	$(PY) -m dgemma loadtest --out build/loadtest.json $(LOADTEST_ARGS)
+	$(PY) -m dgemma bench --gpu cpu --backend triton --scenario concurrency $(LOADTEST_ARGS)
+
+# GPU probe of the fast path (full size on CUDA; `make probe GPU=cpu` runs the tiny CPU form)
+probe: $(STAMP)
+	$(PY) -m dgemma probe $(if $(filter cpu,$(GPU)),--device cpu --tiny,--precision $(PRECISION))
 
 # CPU suite; the GPU is hidden like ModelOpt's CPU unit tests.
 test: $(STAMP)

@@ -84,3 +84,34 @@ def tiny_dir(tmp_path_factory):
 def _quiet_threads():
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     yield
+
+
+@pytest.fixture(scope="session")
+def onnx_root(tiny_dir, tmp_path_factory):
+    from dgemma.cli import main
+
+    out = tmp_path_factory.mktemp("onnx")
+    assert main(["onnx", "--precision", "fp32", "--checkpoint", str(tiny_dir), "--out", str(out)]) == 0
+    return out
+
+
+@pytest.fixture(scope="session")
+def onnx_dir(onnx_root):
+    return onnx_root / "fp32"
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_dir):
+    from dgemma.model.checkpoint import load_checkpoint
+
+    return load_checkpoint(tiny_dir).model
+
+
+@pytest.fixture
+def onnx_copy(onnx_dir, tmp_path):
+    """A writable copy of the session's fp32 graphs (tests that corrupt or re-stamp them)."""
+    import shutil
+
+    dst = tmp_path / "onnx" / "fp32"
+    shutil.copytree(onnx_dir, dst)
+    return dst

@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers.cache_utils import DynamicCache
 
-from dgemma.checkpoint import load_checkpoint
+from dgemma.model.checkpoint import load_checkpoint
 
 
 def _hf_encode(hf, cache, ids, start):

@@ -7,10 +7,10 @@ from transformers.models.diffusion_gemma.generation_diffusion_gemma import (
     EntropyBoundSamplerConfig,
 )
 
-from dgemma.checkpoint import load_checkpoint
-from dgemma.config import SamplerConfig
+from dgemma.model.checkpoint import load_checkpoint
+from dgemma.core.config import SamplerConfig
 from dgemma.runtime.torch_backend import TorchBackend
-from dgemma.sampler import generate
+from dgemma.generation.sampler import generate
 
 CASES = [  # (config, seed, batch, prompt_len, max_new_tokens, eos, confidence, stability)
     ("spec", 0, 1, 10, 64, [1], 0.005, 1),
@@ -108,8 +108,8 @@ def test_trained_checkpoint_real_adaptive_stopping_matches_transformers():
     from transformers import DiffusionGemmaForBlockDiffusion
 
     from dgemma.tiny import DEFAULT_CHECKPOINT
-    from dgemma.tokens import Tokenizer
-    from dgemma.train import SortTask, encode_batch
+    from dgemma.model.tokens import Tokenizer
+    from dgemma.tiny.task import SortTask, encode_batch
 
     import json
 

@@ -26,7 +26,8 @@ from pathlib import Path
 # shared memory a block may use (opt-in maximum), bytes: H100/H200 and B200 227 KiB, RTX 5090 / GB10 99 KiB
 SMEM_LIMIT = {90: 232448, 100: 232448, 120: 101376, 121: 101376}
 ARCH_NAME = {90: "sm_90a", 100: "sm_100a", 120: "sm_120a", 121: "sm_121a"}
-MMA_INSTRUCTION = {90: "wgmma", 100: "tcgen05", 120: "mma", 121: "mma"}
+# the tensor-core instruction per architecture, as it appears in PTX (a bare "mma" would also match file paths)
+MMA_INSTRUCTION = {90: r"\bwgmma\.", 100: r"\btcgen05\.mma", 120: r"\bmma\.sync", 121: r"\bmma\.sync"}
 ARCHS = (90, 100, 120)  # what CI compiles every production config for
 
 
@@ -85,14 +86,14 @@ def compile_spec(spec: AotSpec) -> dict:
     ptx = k.asm["ptx"]
     regs, spills = ptxas_stats(ptx, spec.cc)
     smem = int(k.metadata.shared)
-    tc = MMA_INSTRUCTION[spec.cc] in ptx
+    tc = re.search(MMA_INSTRUCTION[spec.cc], ptx) is not None
     problems = []
     if smem > SMEM_LIMIT[spec.cc]:
         problems.append(f"shared memory {smem} B > {SMEM_LIMIT[spec.cc]} B on SM{spec.cc}")
     if spills:
         problems.append(f"{spills} B of register spills")
     if spec.tensor_cores and not tc:
-        problems.append(f"no {MMA_INSTRUCTION[spec.cc]} in the SM{spec.cc} PTX")
+        problems.append(f"no tensor-core instruction ({MMA_INSTRUCTION[spec.cc]}) in the SM{spec.cc} PTX")
     return {"label": spec.label, "kernel": k.metadata.name, "sm": spec.cc, "warps": spec.num_warps,
             "stages": spec.num_stages, "smem": smem, "regs": regs, "spills": spills, "tensor_cores": tc,
             "problems": problems}

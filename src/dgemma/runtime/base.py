@@ -7,7 +7,8 @@ knows nothing of how they compute. Backends know nothing of sampling.
 
 from __future__ import annotations
 
-from typing import Any, Protocol, runtime_checkable
+import time
+from typing import Any, Callable, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
@@ -59,3 +60,30 @@ class BackendWrapper:
 
     def denoise(self, state: Any, canvas: Tensor, soft: Tensor | None, temperature: Tensor) -> tuple[Tensor, Tensor]:
         return self.inner.denoise(state, canvas, soft, temperature)
+
+
+class Observed(BackendWrapper):
+    """`inner`, reporting the wall time of every call: on_call(kind, t0, t1) with kind "encode" or "denoise" and
+    perf_counter seconds. sync=True synchronises a CUDA device before both clock reads, so the times are the
+    device's (benchmarks); False leaves the asynchronous timing of what the host sees (serving metrics)."""
+
+    def __init__(self, inner: Backend, on_call: Callable[[str, float, float], None], sync: bool = False):
+        super().__init__(inner)
+        self.on_call = on_call
+        self.sync = sync and self.device.type == "cuda"
+
+    def now(self) -> float:
+        if self.sync:
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
+    def encode(self, state: Any, ids: Tensor) -> None:
+        t0 = self.now()
+        self.inner.encode(state, ids)
+        self.on_call("encode", t0, self.now())
+
+    def denoise(self, state: Any, canvas: Tensor, soft: Tensor | None, temperature: Tensor) -> tuple[Tensor, Tensor]:
+        t0 = self.now()
+        out = self.inner.denoise(state, canvas, soft, temperature)
+        self.on_call("denoise", t0, self.now())
+        return out

@@ -15,9 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..model import OPS, Attention, DiffusionGemma, Experts, KVCache, grouped_mm
-
-E4M3_MAX = 448.0
+from ..model.lowp import fp8_quantize_rows
+from ..model.modeling import OPS, Attention, DiffusionGemma, Experts, KVCache, fuse_ops, grouped_mm
 _NOTES: set[str] = set()
 
 
@@ -29,14 +28,7 @@ def note(msg: str) -> None:
 
 
 # -- FP8 ---------------------------------------------------------------------------------------------------------
-def _quant_rows_eager(x: Tensor) -> tuple[Tensor, Tensor]:
-    """x [..., K] -> (e4m3 [..., K], fp32 scale [..., 1]): per-row (per-token / per-out-channel) absmax scaling."""
-    xf = x.float()
-    s = xf.abs().amax(dim=-1, keepdim=True).clamp(min=1e-12) / E4M3_MAX
-    return (xf / s).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn), s
-
-
-_QUANT = {"rows": _quant_rows_eager}
+_QUANT = {"rows": fp8_quantize_rows}
 
 
 def _dispatch_eager(idx: Tensor, e: int, a: int) -> tuple[Tensor, Tensor]:
@@ -78,10 +70,8 @@ def enable_fusion() -> None:
 
     Measured on H100 (full size, FP8): the step was 7,672 kernels, ~25 ms of them tiny elementwise/cast/reduce
     kernels; fusing them is the largest single item after the expert GEMMs."""
-    from ..model import fuse_ops
-
     fuse_ops()
-    _QUANT["rows"] = torch.compile(_quant_rows_eager)
+    _QUANT["rows"] = torch.compile(fp8_quantize_rows)
     for name, fn in (("dispatch", _dispatch_eager), ("scatter", _scatter_rows_eager), ("combine", _combine_eager)):
         _MOE[name] = torch.compile(fn)
 

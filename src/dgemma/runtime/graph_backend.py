@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from .. import graphs
-from ..config import ModelConfig
-from ..errors import RequestError
+from ..core import contract
+from ..core.config import ModelConfig
+from ..core.errors import RequestError
 from . import kvbuf
 
 DTYPES = {"int64": torch.int64, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -41,7 +41,7 @@ class GraphBackend:
     def _setup(self) -> None:
         self.vocab_size, self.canvas_length = self.cfg.vocab_size, self.cfg.canvas_length
         self.hidden_size = self.cfg.hidden_size
-        self._kv_dtype = DTYPES[graphs.kv_dtype(self.precision)]
+        self._kv_dtype = DTYPES[contract.kv_dtype(self.precision)]
 
     def _run(self, graph: str, feed: dict[str, Tensor]) -> list[Tensor]:
         raise NotImplementedError
@@ -66,13 +66,13 @@ class GraphBackend:
     def _common(self, state: GraphState, n: int) -> dict[str, Tensor]:
         lengths = torch.tensor(state.lengths, dtype=torch.int64, device=self.device)
         pos = lengths[:, None] + torch.arange(n, device=self.device)[None, :]
-        names = [t.name for t in graphs.past(self.cfg, self.precision)]
-        return {"position_ids": pos, graphs.PAST_LENGTH: lengths, **dict(zip(names, state.kv))}
+        names = [t.name for t in contract.past(self.cfg, self.precision)]
+        return {"position_ids": pos, contract.PAST_LENGTH: lengths, **dict(zip(names, state.kv))}
 
     @torch.no_grad()
     def encode(self, state: GraphState, ids: Tensor) -> None:
         self._check_room(state, ids)
-        new = self._run(graphs.ENCODER, {"input_ids": ids, **self._common(state, ids.shape[1])})
+        new = self._run(contract.ENCODER, {"input_ids": ids, **self._common(state, ids.shape[1])})
         state.lengths = kvbuf.append(self.cfg, state.kv, new, state.lengths)
 
     @torch.no_grad()
@@ -81,7 +81,7 @@ class GraphBackend:
         b, c = canvas.shape
         sc = torch.zeros(b, c, self.hidden_size, device=self.device) if soft is None else soft
         temp = temperature.to(self.device, torch.float32).reshape(-1).expand(b)
-        logits, nxt = self._run(graphs.DENOISER, {"canvas_ids": canvas, "sc_embeds": sc, "temperature": temp,
+        logits, nxt = self._run(contract.DENOISER, {"canvas_ids": canvas, "sc_embeds": sc, "temperature": temp,
                                                   **self._common(state, c)})
         return logits, nxt
 

@@ -1,4 +1,4 @@
-"""Fixed-capacity KV buffers of the graph contract (dgemma.graphs, contract v2), for numpy and torch alike.
+"""Fixed-capacity KV buffers of the graph contract (dgemma.core.contract, v2), for numpy and torch alike.
 
 Owns the buffer shapes for a batch and capacity, and `append`: writing the encoder's new K/V (`new_key_i`,
 `new_value_i` [B, kvh, S, hd]) into the buffers at each row's own length. Full layers write slots P..P+S-1;
@@ -11,15 +11,15 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from .. import graphs
-from ..config import ModelConfig
-from ..errors import RequestError
+from ..core import contract
+from ..core.config import ModelConfig
+from ..core.errors import RequestError
 
 
 def shapes(cfg: ModelConfig, batch: int, capacity: int) -> list[tuple[int, ...]]:
     """Shapes of past_key_0, past_value_0, ... for `batch` rows and `capacity` slots in full layers."""
-    return [tuple(batch if d == graphs.BATCH else capacity if d == graphs.KV_CAPACITY else d for d in t.dims)
-            for t in graphs.past(cfg)]
+    return [tuple(batch if d == contract.BATCH else capacity if d == contract.KV_CAPACITY else d for d in t.dims)
+            for t in contract.past(cfg)]
 
 
 def _copy(x):

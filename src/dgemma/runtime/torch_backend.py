@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..model import DiffusionGemma, KVCache
+from ..model.modeling import DiffusionGemma, KVCache
 
 
 class TorchBackend:

@@ -15,15 +15,29 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .. import graphs
-from ..config import ModelConfig
-from ..artifacts import read_manifest
-from ..errors import ArtifactError, ConfigError
+from ..core import contract
+from ..core.config import ModelConfig
+from ..core.errors import ArtifactError, ConfigError
+from ..core.manifest import check_engines
 from .graph_backend import DTYPES, GraphBackend
 
 
-def read_engine_manifest(engine_dir: str | Path) -> dict:
-    return read_manifest(engine_dir, "TensorRT engines", "make engines GPU=<gpu> PRECISION=<precision>")
+def import_tensorrt(required_for: str = "TensorRT engines"):
+    """-> (module, flavour): full TensorRT (`tensorrt`, NGC containers) where importable, else TensorRT-RTX
+    (`tensorrt_rtx`, pip install -e '.[export]'); ConfigError naming both when neither is."""
+    try:
+        import tensorrt as trt
+
+        return trt, "tensorrt"
+    except ImportError:
+        pass
+    try:
+        import tensorrt_rtx as trt
+    except ImportError:
+        raise ConfigError(f"{required_for} need `tensorrt` (NGC container) or `tensorrt_rtx` (pip install -e "
+                          "'.[export]'); neither is importable. Without them use --backend ort (CPU) or --backend "
+                          "fast (CUDA, torch).") from None
+    return trt, "tensorrt_rtx"
 
 
 def check_compatible(manifest: dict, device_sm: int, device_name: str, flavour: str, version: str) -> None:
@@ -45,30 +59,14 @@ def check_compatible(manifest: dict, device_sm: int, device_name: str, flavour: 
                             f"TensorRT engines only run on the compute capabilities they were built for. {rebuild}")
 
 
-def _import_trt():
-    try:
-        import tensorrt as trt
-
-        return trt, "tensorrt"
-    except ImportError:
-        pass
-    try:
-        import tensorrt_rtx as trt
-
-        return trt, "tensorrt_rtx"
-    except ImportError:
-        raise ConfigError("TrtBackend needs `tensorrt` (NGC container) or `tensorrt_rtx` (pip install -e '.[export]'); "
-                          "neither is importable. Use --backend ort (CPU) or --backend fast (CUDA, torch).") from None
-
-
 class TrtBackend(GraphBackend):
     def __init__(self, engine_dir: str | Path, max_context: int | None = None, device: int | str = 0):
         self.engine_dir = Path(engine_dir)
-        m = read_engine_manifest(self.engine_dir)
+        m = check_engines(self.engine_dir)  # refuses engines whose ONNX changed since they were built
         if not torch.cuda.is_available():
             raise ConfigError(f"TrtBackend runs engines on a CUDA GPU and none is visible (engines: {self.engine_dir}). "
                               "Use --backend ort for the CPU form.")
-        trt, flavour = _import_trt()
+        trt, flavour = import_tensorrt("TrtBackend")
         self.device = torch.device("cuda", device) if isinstance(device, int) else torch.device(device)
         major, minor = torch.cuda.get_device_capability(self.device)
         check_compatible(m, major * 10 + minor, torch.cuda.get_device_name(self.device), flavour, trt.__version__)
@@ -78,9 +76,9 @@ class TrtBackend(GraphBackend):
         self.manifest = m
         self.precision = m["onnx_precision"]
         self.cfg = ModelConfig.from_hf_dict(m["model_config"], source=str(self.engine_dir / "manifest.json"))
-        if m.get("contract_sha256") != graphs.contract_hash(self.cfg, self.precision):
+        if m.get("contract_sha256") != contract.contract_hash(self.cfg, self.precision):
             raise ArtifactError(f"{self.engine_dir}: IO contract {m.get('contract_sha256')} differs from this dgemma's "
-                                f"{graphs.contract_hash(self.cfg, self.precision)}; rebuild with `make onnx` and "
+                                f"{contract.contract_hash(self.cfg, self.precision)}; rebuild with `make onnx` and "
                                 "`make engines`.")
         cap_max = m["gpu_profile"]["max_context"]
         self.max_context = min(max_context or cap_max, cap_max)
@@ -89,7 +87,7 @@ class TrtBackend(GraphBackend):
         self._logger = trt.Logger(trt.Logger.WARNING)
         self._runtime = trt.Runtime(self._logger)
         self._engines, self._contexts = {}, {}
-        for g in graphs.GRAPHS:
+        for g in contract.GRAPHS:
             path = self.engine_dir / f"{g}.plan"
             try:
                 engine = self._runtime.deserialize_cuda_engine(path.read_bytes())
@@ -107,7 +105,7 @@ class TrtBackend(GraphBackend):
         and whole-graph CUDA graph capture."""
         if flavour != "tensorrt_rtx":
             return engine.create_execution_context()
-        trt = _import_trt()[0]
+        trt = import_tensorrt()[0]
         rc = engine.create_runtime_config()
         cache = rc.create_runtime_cache()
         path = self.engine_dir / f"{graph}.runtime.cache"
@@ -127,13 +125,13 @@ class TrtBackend(GraphBackend):
 
     def _run(self, graph: str, feed: dict[str, Tensor]) -> list[Tensor]:
         ctx = self._contexts[graph]
-        for t in graphs.inputs(graph, self.cfg, self.precision):
+        for t in contract.inputs(graph, self.cfg, self.precision):
             x = feed[t.name].to(self.device, DTYPES[t.dtype]).contiguous()
             feed[t.name] = x  # keep alive until the stream is done
             ctx.set_input_shape(t.name, tuple(x.shape))
             ctx.set_tensor_address(t.name, x.data_ptr())
         outs = []
-        for t in graphs.outputs(graph, self.cfg, self.precision):
+        for t in contract.outputs(graph, self.cfg, self.precision):
             y = torch.empty(tuple(ctx.get_tensor_shape(t.name)), dtype=DTYPES[t.dtype], device=self.device)
             ctx.set_tensor_address(t.name, y.data_ptr())
             outs.append(y)

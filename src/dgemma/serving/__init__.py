@@ -1,3 +1,4 @@
-"""Triton serving: requests, the per-request loop, slots and metrics (canvas_loop), the encoder/denoiser models'
-IO and batch runner (graph_models), repository rendering (render), server lifecycle (server), measurements
-(loadtest). Importable without Triton; the model.py files in triton_repo/ are thin glue."""
+"""Stage `make repo` / `make serve`: the Triton service. Request parsing and validation (request), admission
+(slots), custom metrics (metrics), the canvas loop of the `dgemma` model (loop), the encoder/denoiser models' batch
+runner (graph_models), repository rendering (render: templates in triton_repo/), the tritonserver process (server)
+and the gRPC client (client). Importable without Triton; the model.py files in triton_repo/ are thin glue."""

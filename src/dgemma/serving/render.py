@@ -1,10 +1,11 @@
-"""Render triton_repo/ (committed templates) into build/triton/<gpu>/<precision>/.
+"""`make repo`: render the Triton templates (package data: dgemma/serving/triton_repo/) into
+build/triton/<gpu>/<precision>/ in the work directory.
 
 Layout of the output: `models/` (the Triton model repository: config.pbtxt from each config.pbtxt.tmpl via
 string.Template.substitute, model.py copied under a two-line header that puts this dgemma's source directory first
 on sys.path) and `backends/python/` (the python backend + the stub for this interpreter, copied from the
 nvidia-pytriton wheel, toolchain.md §3.1). Values come from the GpuProfile and the checkpoint; IO blocks come from
-dgemma.serving.canvas_loop.INPUTS/OUTPUTS (the `dgemma` model) and dgemma.graphs (encoder, denoiser).
+dgemma.core.contract (MODEL_INPUTS/MODEL_OUTPUTS for the `dgemma` model, the graphs for encoder and denoiser).
 
 Models: `dgemma` (decoupled python: validate + tokenize, the canvas loop, detokenize) and the graphs `encoder` and
 `denoiser` (template graph_python: ONNX Runtime on CPU or torch; graph_tensorrt: `platform: "tensorrt_plan"` over
@@ -22,18 +23,19 @@ import sys
 import sysconfig
 from pathlib import Path
 
-import dgemma
+from .. import __version__
+from ..core import contract
+from ..core.contract import MODEL_INPUTS, MODEL_OUTPUTS, io_block
+from ..core.errors import ArtifactError, ConfigError
+from ..core.layout import DEFAULT_CHECKPOINT, PACKAGE, TRITON_TEMPLATES, current
+from ..core.manifest import check_engines
+from ..core.profiles import resolve
+from ..model.checkpoint import load_config
+from .graph_models import check_graph_artifacts
+from .loop import BACKENDS
 
-from .. import __version__, graphs
-from ..errors import ArtifactError, ConfigError
-from .canvas_loop import BACKENDS, INPUTS, OUTPUTS
-from .graph_models import check_graph_artifacts, io_block
-
-ROOT = Path(__file__).resolve().parents[3]
-TEMPLATES = ROOT / "triton_repo"
-BUILD = ROOT / "build" / "triton"
-SRC = Path(dgemma.__file__).resolve().parents[1]  # the directory the stub must import dgemma from
-MODELS = ("dgemma", graphs.ENCODER, graphs.DENOISER)  # every model a repository can hold
+SRC = PACKAGE.parent  # the directory the stub must import dgemma from
+MODELS = (contract.MODEL, contract.ENCODER, contract.DENOISER)  # every model a repository can hold
 ENGINES = ("auto", "onnxruntime", "torch", "tensorrt")  # what computes the encoder/denoiser models
 GRAPH_TEMPLATE = {"onnxruntime": "graph_python", "torch": "graph_python", "tensorrt": "graph_tensorrt"}
 TEMPLATE_DIRS = ("dgemma", "graph_python", "graph_tensorrt")  # under triton_repo/
@@ -90,8 +92,9 @@ def graph_models_rendered(backend: str, engine: str) -> bool:
 
 def _io_blocks() -> dict[str, str]:
     inputs = [f'  {{ name: "{name}" data_type: {dtype} dims: [ 1 ]{" optional: true" if optional else ""} }}'
-              for name, (dtype, optional) in INPUTS.items()]
-    outputs = [f'  {{ name: "{name}" data_type: {dtype} dims: [ {dims} ] }}' for name, (dtype, dims) in OUTPUTS.items()]
+              for name, (dtype, optional) in MODEL_INPUTS.items()]
+    outputs = [f'  {{ name: "{name}" data_type: {dtype} dims: [ {dims} ] }}'
+               for name, (dtype, dims) in MODEL_OUTPUTS.items()]
     return {"inputs": ",\n".join(inputs), "outputs": ",\n".join(outputs)}
 
 
@@ -102,7 +105,7 @@ def _parameters(values: dict[str, object]) -> str:
 
 def render(gpu: str = "cpu", precision: str = "bf16", checkpoint: str | Path | None = None,
            out: str | Path | None = None, backend: str | None = None, threads: int | None = 1,
-           templates: Path = TEMPLATES, backends: bool = True,
+           templates: Path = TRITON_TEMPLATES, backends: bool = True,
            engine: str = "auto", onnx_precision: str | None = None, max_batch: int | None = None,
            queue_delay_us: int = QUEUE_DELAY_US) -> Path:
     """Write the model repository and backend directory; returns the output root (…/<gpu>/<precision>).
@@ -115,17 +118,13 @@ def render(gpu: str = "cpu", precision: str = "bf16", checkpoint: str | Path | N
     onnx_precision: which build/onnx/<p>/ the ONNX Runtime models read (default fp32 on the CPU profile, which
     ORT's CPU provider runs, else the target precision). max_batch: override GpuProfile.max_batch (canvases in
     flight = the dgemma model's slots = the graphs' max_batch_size)."""
-    from ..checkpoint import load_config
-    from ..profiles import resolve
-    from ..tiny import ensure_tiny
-
     target = resolve(gpu, precision)
     engine = pick_engine(engine, target.gpu)
     backend = backend or (CPU_BACKEND if target.gpu.sm == 0 else "bls" if engine == "tensorrt" else "torch")
     if backend not in BACKENDS:
         raise ConfigError(f"unknown canvas loop backend {backend!r}; valid: {', '.join(BACKENDS)}.")
-    rendered = ("dgemma", *(graphs.GRAPHS if graph_models_rendered(backend, engine) else ()))
-    ck = Path(checkpoint).resolve() if checkpoint else ensure_tiny()
+    rendered = ("dgemma", *(contract.GRAPHS if graph_models_rendered(backend, engine) else ()))
+    ck = Path(checkpoint).resolve() if checkpoint else DEFAULT_CHECKPOINT
     if not (ck / "config.json").exists():
         raise ArtifactError(f"{ck}/config.json not found: --checkpoint must be a DiffusionGemma checkpoint dir.")
     mcfg, scfg = load_config(ck)
@@ -135,8 +134,10 @@ def render(gpu: str = "cpu", precision: str = "bf16", checkpoint: str | Path | N
     batch = max_batch or target.gpu.max_batch
     if batch < 1:
         raise ConfigError(f"max_batch must be >= 1 (got {batch}).")
-    onnx_dir = ROOT / "build" / "onnx" / onnx_precision
-    root = Path(out) if out else BUILD / target.gpu.name / target.precision.value
+    layout = current()
+    onnx_dir = layout.onnx(onnx_precision)
+    engine_dir = layout.engines(target.gpu.name, target.precision.value)
+    root = Path(out) if out else layout.triton(target.gpu.name, target.precision.value)
     params = {
         "dgemma_version": __version__, "dgemma_src": SRC, "target": target.key, "checkpoint": ck,
         "max_prompt": target.gpu.max_prompt, "max_context": target.gpu.max_context,
@@ -148,17 +149,19 @@ def render(gpu: str = "cpu", precision: str = "bf16", checkpoint: str | Path | N
     }
     common = {"target": target.key, "max_batch": batch, "queue_delay_us": queue_delay_us}
     values = {"dgemma": {**common, "parameters": _parameters(params), **_io_blocks()}}
-    for g in graphs.GRAPHS:
+    for g in contract.GRAPHS:
         gp = {**params, "graph": g, "runtime": engine}
         values[g] = {**common, "name": g, "graph": g, "runtime": engine, "parameters": _parameters(gp),
-                     "inputs": io_block(graphs.inputs(g, mcfg, graph_precision)),
-                     "outputs": io_block(graphs.outputs(g, mcfg, graph_precision)),
+                     "inputs": io_block(contract.inputs(g, mcfg, graph_precision)),
+                     "outputs": io_block(contract.outputs(g, mcfg, graph_precision)),
                      "instance_kind": "KIND_CPU" if target.gpu.sm == 0 or engine == "onnxruntime" else "KIND_GPU"}
+    if engine == "tensorrt" and len(rendered) > 1 and backends:
+        check_engines(engine_dir)  # refuses missing or stale engines (their ONNX changed since the build)
     models = root / "models"
     if models.exists():
         shutil.rmtree(models)
     for name in rendered:
-        src = templates / (GRAPH_TEMPLATE[engine] if name in graphs.GRAPHS else name)
+        src = templates / (GRAPH_TEMPLATE[engine] if name in contract.GRAPHS else name)
         tmpl = (src / "config.pbtxt.tmpl").read_text()
         text = string.Template(tmpl).substitute(values[name])  # a missing key raises KeyError
         assert "${" not in text, f"{src}/config.pbtxt.tmpl: unrendered placeholder left"
@@ -167,9 +170,8 @@ def render(gpu: str = "cpu", precision: str = "bf16", checkpoint: str | Path | N
         if (src / "1" / "model.py").exists():
             (models / name / "1" / "model.py").write_text(MODEL_PY_HEADER.format(src=str(SRC))
                                                           + (src / "1" / "model.py").read_text())
-        if name in graphs.GRAPHS and engine == "tensorrt":
-            (models / name / "1" / "model.plan").symlink_to(ROOT / "engines" / target.gpu.name /
-                                                           target.precision.value / f"{name}.plan")
+        if name in contract.GRAPHS and engine == "tensorrt":
+            (models / name / "1" / "model.plan").symlink_to(engine_dir / f"{name}.plan")
     if not backends:
         return root
     if backend == "ort" or (engine == "onnxruntime" and len(rendered) > 1):
@@ -194,33 +196,3 @@ def render(gpu: str = "cpu", precision: str = "bf16", checkpoint: str | Path | N
         if not link.exists():
             link.symlink_to(trt)
     return root
-
-
-def cmd_repo(args) -> int:
-    root = render(args.gpu, args.precision, args.checkpoint, args.out, backend=args.backend, engine=args.engine,
-                  max_batch=args.max_batch, backends=not args.config_only)
-    names = sorted(p.name for p in (root / "models").iterdir())
-    print(f"wrote {root}/models ({', '.join(names)})" + ("" if args.config_only else f" and {root}/backends"))
-    return 0
-
-
-def add_parsers(sub) -> None:
-    r = sub.add_parser("repo", help="render triton_repo/ into build/triton/<gpu>/<precision>/")
-    add_render_args(r)
-    r.add_argument("--out", help="output root (default build/triton/<gpu>/<precision>)")
-    r.add_argument("--config-only", action="store_true", help="models/ only: no backend copy, no artifact checks")
-    r.set_defaults(func=cmd_repo)
-
-
-def add_render_args(p) -> None:
-    """Flags shared by `dgemma repo` and `dgemma serve`."""
-    p.add_argument("--gpu", default="cpu")
-    p.add_argument("--precision", default="bf16")
-    p.add_argument("--checkpoint", help="checkpoint dir (default: the embedded trained tiny model)")
-    p.add_argument("--backend", choices=BACKENDS,
-                   help=f"how the canvas loop computes: ort/torch in-process, bls through the encoder/denoiser models "
-                        f"(default: {CPU_BACKEND} on GPU=cpu, bls over TensorRT engines, else torch)")
-    p.add_argument("--engine", default="auto", choices=ENGINES,
-                   help="what computes the encoder/denoiser models (auto: tensorrt_plan where Triton has the "
-                        "tensorrt backend, onnxruntime on GPU=cpu, else torch)")
-    p.add_argument("--max-batch", type=int, help="canvases in flight (default GpuProfile.max_batch)")

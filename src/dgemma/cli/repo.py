@@ -1,0 +1,37 @@
+"""`dgemma repo` (`make repo`): render the Triton model repository -> build/triton/<gpu>/<precision>/."""
+
+from __future__ import annotations
+
+from ..serving.loop import BACKENDS
+from ..serving.render import CPU_BACKEND, ENGINES, render
+from .common import CHECKPOINT_HELP
+
+
+def cmd_repo(args) -> int:
+    root = render(args.gpu, args.precision, args.checkpoint, args.out, backend=args.backend, engine=args.engine,
+                  max_batch=args.max_batch, backends=not args.config_only)
+    names = sorted(p.name for p in (root / "models").iterdir())
+    print(f"wrote {root}/models ({', '.join(names)})" + ("" if args.config_only else f" and {root}/backends"))
+    return 0
+
+
+def add_render_args(p) -> None:
+    """Flags shared by `dgemma repo` and `dgemma serve`."""
+    p.add_argument("--gpu", default="cpu")
+    p.add_argument("--precision", default="bf16")
+    p.add_argument("--checkpoint", help=CHECKPOINT_HELP)
+    p.add_argument("--backend", choices=BACKENDS,
+                   help=f"how the canvas loop computes: ort/torch in-process, bls through the encoder/denoiser models "
+                        f"(default: {CPU_BACKEND} on GPU=cpu, bls over TensorRT engines, else torch)")
+    p.add_argument("--engine", default="auto", choices=ENGINES,
+                   help="what computes the encoder/denoiser models (auto: tensorrt_plan where Triton has the "
+                        "tensorrt backend, onnxruntime on GPU=cpu, else torch)")
+    p.add_argument("--max-batch", type=int, help="canvases in flight (default GpuProfile.max_batch)")
+
+
+def add_parser(sub) -> None:
+    r = sub.add_parser("repo", help="render the Triton model repository into build/triton/<gpu>/<precision>/")
+    add_render_args(r)
+    r.add_argument("--out", help="output root (default build/triton/<gpu>/<precision> in the work directory)")
+    r.add_argument("--config-only", action="store_true", help="models/ only: no backend copy, no artifact checks")
+    r.set_defaults(func=cmd_repo)

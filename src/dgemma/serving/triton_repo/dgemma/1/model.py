@@ -1,0 +1,90 @@
+"""dgemma (decoupled): LLM-shaped request -> dgemma.generation.sampler -> text, with a backend built once.
+
+Thin glue: validation (dgemma.serving.request), the loop (.loop), slots (.slots) and metrics (.metrics) live in the
+package; this file only moves tensors, starts one thread per request (execute() returns at once; the thread sends
+the responses), creates the custom metrics and maps errors: a bad request is INVALID_ARG with its message, a full
+queue UNAVAILABLE, anything else (a backend or graph-model fault) INTERNAL with one line; the traceback goes to the
+server log only. Cancellation (client gone / stream cancelled) is polled before every denoising step and while a
+request waits for a slot."""
+
+import threading
+import traceback
+
+import triton_python_backend_utils as pb_utils
+
+from dgemma.core.contract import MODEL_INPUTS
+from dgemma.core.errors import RequestError
+from dgemma.runtime.bls_backend import BlsError
+from dgemma.serving.loop import load_engine, model_parameters, serve, text_response
+from dgemma.serving.metrics import METRICS, Recorder
+from dgemma.serving.request import Limits, parse_request
+from dgemma.serving.slots import Busy, Slots
+
+FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        params = model_parameters(args)
+        self.limits = Limits.from_parameters(params)
+        device_id = args.get("model_instance_device_id") if args.get("model_instance_kind") == "GPU" else None
+        self.engine = load_engine(params, device_id=int(device_id) if device_id is not None else None)
+        self.tok = self.engine.tokenizer
+        self.slots = Slots(int(params["max_batch"]), int(params["max_queued"]))
+        kinds = {"histogram": pb_utils.MetricFamily.HISTOGRAM, "counter": pb_utils.MetricFamily.COUNTER,
+                 "gauge": pb_utils.MetricFamily.GAUGE}  # not defined while Triton auto-completes the config
+        self.families = {name: pb_utils.MetricFamily(name=name, description=desc, kind=kinds[kind])
+                         for name, (kind, desc, _b) in METRICS.items()}
+        self.recorder = Recorder(self._metric)
+        self.threads = set()
+
+    def _metric(self, name, labels):
+        buckets = METRICS[name][2]
+        labels = {"model": "dgemma", **labels}
+        fam = self.families[name]
+        return fam.Metric(labels=labels, buckets=list(buckets)) if buckets else fam.Metric(labels=labels)
+
+    def execute(self, requests):
+        for r in requests:
+            t = threading.Thread(target=self._run, args=(r,), daemon=True)
+            self.threads.add(t)
+            t.start()
+        return None
+
+    def _run(self, r):
+        sender = r.get_response_sender()
+
+        def send(tensors):
+            out = text_response(tensors, self.tok)
+            sender.send(pb_utils.InferenceResponse([pb_utils.Tensor(k, v) for k, v in out.items()]))
+
+        def fail(message, code):
+            sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(message, code)), flags=FINAL)
+
+        try:
+            inputs = {}
+            for name in MODEL_INPUTS:
+                t = pb_utils.get_input_tensor_by_name(r, name)
+                if t is not None:
+                    inputs[name] = t.as_numpy()
+            req = parse_request(inputs, self.limits, self.tok.encode_chat)
+            serve(self.engine, req, send, sender.is_cancelled, self.slots, self.recorder, pb_utils.Logger.log_info)
+            sender.send(flags=FINAL)
+        except Busy as e:
+            fail(f"Busy: {e}", pb_utils.TritonError.UNAVAILABLE)
+        except RequestError as e:
+            fail(f"{type(e).__name__}: {e}", pb_utils.TritonError.INVALID_ARG)
+        except BlsError as e:
+            pb_utils.Logger.log_error(f"dgemma request {r.request_id()!r}:\n{traceback.format_exc()}")
+            fail(f"graph model unavailable (request {r.request_id()!r}): {str(e).splitlines()[0][:200]}",
+                 pb_utils.TritonError.UNAVAILABLE)
+        except Exception:
+            pb_utils.Logger.log_error(f"dgemma request {r.request_id()!r}:\n{traceback.format_exc()}")
+            fail(f"internal error in dgemma (request {r.request_id()!r}); see server log",
+                 pb_utils.TritonError.INTERNAL)
+        finally:
+            self.threads.discard(threading.current_thread())
+
+    def finalize(self):
+        for t in list(self.threads):
+            t.join(timeout=5)

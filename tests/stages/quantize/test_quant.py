@@ -1,0 +1,144 @@
+"""Quantization stage on the committed trained tiny model (CPU): ModelOpt fp8/nvfp4 through both passes, the
+exclusions, the CPU NVFP4 kernel against ModelOpt's pure-torch reference, outputs, errors and atomicity."""
+
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("modelopt.torch.quantization")
+
+from dgemma.quantize import calibrate, recipe, stage  # noqa: E402
+from dgemma.model.checkpoint import load_checkpoint  # noqa: E402
+from dgemma.cli import main  # noqa: E402
+from dgemma.core.errors import ArtifactError  # noqa: E402
+from dgemma.model.lowp import nvfp4_fake_quant  # noqa: E402
+from dgemma.model.quantized import load_quantized  # noqa: E402
+from dgemma.tiny import DEFAULT_CHECKPOINT  # noqa: E402
+from dgemma.model.tokens import Tokenizer  # noqa: E402
+
+
+def _small_quantized(precision):
+    ck = load_checkpoint(DEFAULT_CHECKPOINT)
+    batches = calibrate.prompt_batches(Tokenizer(DEFAULT_CHECKPOINT), ["sort: 3 1 4 1 5 9 2 6 5 3"])
+    model = recipe.quantize_model(ck.model, precision, calibrate.forward_loop(batches, calibrate.calib_sampler(ck.sampler, 2)))
+    return model, batches
+
+
+def test_nvfp4_cpu_kernel_bit_equal_to_modelopt_reference():
+    from modelopt.torch.quantization.qtensor import NVFP4QTensor
+
+    recipe.install_cpu_nvfp4_kernel()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 128, generator=g) * torch.logspace(-3, 1, 128)
+    x[0, :16] = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, 6.0, -0.75, -1.75, -3.5, 0, 0, 0, 0, 0])
+    x[1, :16] = 0.0  # an all-zero block
+    for dtype in (torch.float32, torch.bfloat16):
+        xd = x.to(dtype)
+        amax = xd.float().abs().amax()
+        qt, s, s2 = NVFP4QTensor.quantize(xd.float(), 16, weights_scaling_factor_2=amax / (6 * 448))
+        want = qt.dequantize(torch.float32, scale=s, double_scale=s2, block_sizes={-1: 16}).to(dtype)
+        got = nvfp4_fake_quant(xd, 16, amax)
+        assert torch.equal(got, want), (got - want).abs().max()
+        op = torch.ops.tensorrt.dynamic_block_quantize_op(xd, 16, amax, 4, 2, 8, 4)  # what TensorQuantizer calls
+        assert torch.equal(op, want)
+
+
+@pytest.mark.parametrize("precision", recipe.PRECISIONS)
+def test_quantize_both_passes_and_exclusions(precision):
+    model, batches = _small_quantized(precision)
+    enabled = recipe.quantizer_summary(model)
+    on = {n for n, e in enabled.items() if e}
+    for pattern in ("router", "self_conditioning", "embed_tokens", "norm"):
+        assert not [n for n in on if pattern in n], pattern
+    for name in ("layers.0.self_attn.q_proj.weight_quantizer", "layers.2.mlp.down_proj.input_quantizer",
+                 "layers.1.experts.gate_up_proj_input_quantizer", "layers.1.experts.down_proj_weight_quantizers.7"):
+        assert name in on
+    ex = model.layers[0].experts
+    amaxes = torch.stack([q.amax.reshape(()) for q in ex.gate_up_proj_weight_quantizers])
+    assert torch.equal(amaxes, ex.gate_up_proj.detach().float().abs().amax(dim=(1, 2)).to(amaxes.dtype))
+    assert float(ex.down_proj_input_quantizer.amax) > 0  # calibrated by tokens routed through grouped_mm
+    assert float(model.layers[2].self_attn.k_proj.input_quantizer.amax) > 0
+    # excluded weights are untouched; quantized ones are not
+    ref = load_checkpoint(DEFAULT_CHECKPOINT).model
+    assert torch.equal(model.layers[0].router.proj.weight, ref.layers[0].router.proj.weight)
+    assert torch.equal(model.embed_tokens.weight, ref.embed_tokens.weight)
+    cache_r, cache_q = ref.new_cache(1, 128), model.new_cache(1, 128)
+    with torch.no_grad():
+        ref.encode(batches[0], cache_r)
+        model.encode(batches[0], cache_q)
+        canvas = torch.randint(0, 512, (1, 32), generator=torch.Generator().manual_seed(0))
+        a, b = ref.denoise(canvas, None, cache_r), model.denoise(canvas, None, cache_q)
+    assert not torch.equal(a, b) and (a.argmax(-1) == b.argmax(-1)).float().mean() > 0.5
+
+
+def test_outputs_and_quality(outputs):
+    q = {p: json.loads((d / "quality.json").read_text()) for p, d in outputs.items()}
+    for p, d in outputs.items():
+        for f in ("modelopt_state.pth", "model.safetensors", "hf_quant_config.json", "config.json",
+                  "quality.json", "quality.md", "manifest.json", "tokenizer.json"):
+            assert (d / f).is_file(), f
+        m = json.loads((d / "manifest.json").read_text())
+        assert m["precision"] == p and len(m["input_checkpoint_sha256"]) == 64 and m["versions"]["modelopt"]
+        hq = json.loads((d / "hf_quant_config.json").read_text())
+        assert hq["producer"]["name"] == "modelopt"
+        assert hq["quantization"]["quant_algo"] == p.upper() and "lm_head" in hq["quantization"]["exclude_modules"]
+        for s in q[p]["sets"].values():
+            assert 0 <= s["kl_mean"] < 1 and 0 <= s["token_agreement"] <= 1 and s["tpf_quant"] > 0
+            assert len(s["kl_per_step"]) == q[p]["logit_steps"]
+        acc = q[p]["task_accuracy"]
+        assert 0 <= acc["bf16"] <= 1 and 0 <= acc[p] <= 1
+    assert set(q["nvfp4"]["sets"]) == {"calib", "heldout"}
+    assert json.loads((outputs["nvfp4"] / "hf_quant_config.json").read_text())["quantization"]["group_size"] == 16
+    f8, f4 = q["fp8"]["sets"]["heldout"]["top1_mean"], q["nvfp4"]["sets"]["heldout"]["top1_mean"]
+    assert f8 > f4 or (f8 > 0.5 and f4 > 0.5)
+    assert q["fp8"]["sets"]["heldout"]["kl_mean"] < q["nvfp4"]["sets"]["heldout"]["kl_mean"]
+
+
+def test_exported_checkpoint_layout_and_dequantized_load(outputs):
+    from safetensors.torch import load_file
+
+    ref = load_checkpoint(DEFAULT_CHECKPOINT).model
+    for p, d in outputs.items():
+        t = load_file(str(d / "model.safetensors"))
+        w = t["model.decoder.layers.0.self_attn.q_proj.weight"]
+        gu = t["model.decoder.layers.0.experts.gate_up_proj"]
+        if p == "fp8":
+            assert w.dtype == gu.dtype == torch.float8_e4m3fn
+            assert t["model.decoder.layers.0.experts.gate_up_proj_weight_scale"].shape == (8,)
+        else:
+            assert w.dtype == gu.dtype == torch.uint8 and gu.shape == (8, 128, 64)
+            assert t["model.decoder.layers.0.experts.gate_up_proj_weight_scale"].dtype == torch.float8_e4m3fn
+        assert t["model.decoder.layers.0.router.proj.weight"].dtype == torch.bfloat16
+        assert "model.decoder.layers.0.self_attn.q_proj.input_scale" in t
+        m = load_quantized(d)
+        assert torch.equal(m.layers[0].router.proj.weight, ref.layers[0].router.proj.weight)
+        rel = (m.layers[0].experts.gate_up_proj.float() - ref.layers[0].experts.gate_up_proj.float()).norm() / \
+            ref.layers[0].experts.gate_up_proj.float().norm()
+        assert 0 < rel < (0.05 if p == "fp8" else 0.2)
+
+
+def test_calibration_file_errors(tmp_path, capsys):
+    with pytest.raises(ArtifactError, match="not found"):
+        calibrate.load_prompts(tmp_path / "nope.jsonl")
+    (tmp_path / "empty.jsonl").write_text("\n")
+    with pytest.raises(ArtifactError, match="holds no prompts"):
+        calibrate.load_prompts(tmp_path / "empty.jsonl")
+    (tmp_path / "bad.jsonl").write_text('{"text": "ok"}\n{"prompt": 1}\n')
+    with pytest.raises(ArtifactError, match="bad.jsonl:2"):
+        calibrate.load_prompts(tmp_path / "bad.jsonl")
+    rc = main(["quantize", "--precision", "fp8", "--calib", str(tmp_path / "nope.jsonl"), "--out", str(tmp_path)])
+    assert rc == 2 and "calibration file" in capsys.readouterr().err
+    assert not (tmp_path / "fp8").exists()
+
+
+def test_failure_mid_way_leaves_no_output(tmp_path, prompt_files, monkeypatch):
+    import dgemma.quantize.stage
+
+    def boom(*a, **k):
+        raise RuntimeError("report failed")
+
+    monkeypatch.setattr(dgemma.quantize.stage, "quality_report", boom)
+    with pytest.raises(RuntimeError, match="report failed"):
+        stage.run("fp8", out=tmp_path, calib=prompt_files[0], heldout=None, eval_n=2)
+    assert list(tmp_path.iterdir()) == []

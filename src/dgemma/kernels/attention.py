@@ -48,47 +48,8 @@ NUM_SMS_DEFAULT = 132  # H100 SXM; the launcher asks the device when there is on
 
 
 # -- kernels ------------------------------------------------------------------------------------------------------
-@triton.jit
-def _dot(a, b, FP32_DOT: tl.constexpr):
-    if FP32_DOT:  # fp32 inputs: full precision, not tf32 (tests, CPU-precision runs)
-        return tl.dot(a, b, input_precision="ieee")
-    else:
-        return tl.dot(a, b)
-
-
-@triton.jit
-def _load_rows(base, row_off, row_ok, d, HEAD_DIM: tl.constexpr, UPCAST: tl.constexpr, ALIGNED: tl.constexpr):
-    ptrs = base + row_off[:, None] + d[None, :]
-    if ALIGNED:  # every row starts 16-byte aligned (checked by the launcher): vector loads, cp.async
-        ptrs = tl.multiple_of(ptrs, [16, 16])
-    x = tl.load(ptrs, mask=row_ok[:, None] & (d[None, :] < HEAD_DIM), other=0.0)
-    if UPCAST:  # the interpreter mishandles bf16 arithmetic: widen right after the load
-        x = x.to(tl.float32)
-    return x
-
-
-@triton.jit
-def _tile(acc, m_i, l_i, q0, q1, k_base, v_base, sk, sv, keys, key_ok, vis, dv0,
-          HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, N_QK: tl.constexpr, UPCAST: tl.constexpr,
-          FP32_DOT: tl.constexpr, ALIGNED: tl.constexpr):
-    """One key tile: scores over the head-dim chunks, masked online-softmax update, P·V into this program's slice."""
-    d = tl.arange(0, BLOCK_D)
-    k = _load_rows(k_base, keys * sk, key_ok, d, HEAD_DIM, UPCAST, ALIGNED)
-    s = _dot(q0, tl.trans(k), FP32_DOT)
-    if N_QK == 2:
-        k = _load_rows(k_base, keys * sk, key_ok, BLOCK_D + d, HEAD_DIM, UPCAST, ALIGNED)
-        s += _dot(q1, tl.trans(k), FP32_DOT)
-    s = tl.where(vis, s * 1.4426950408889634, float("-inf"))  # scale 1.0, log2 domain for exp2
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing visible yet stays at 0, not NaN
-    alpha = tl.exp2(m_i - m_safe)
-    p = tl.exp2(s - m_safe[:, None])
-    l_i = l_i * alpha + tl.sum(p, 1)
-    v = _load_rows(v_base, keys * sv, key_ok, dv0 + d, HEAD_DIM, UPCAST, ALIGNED)
-    acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, FP32_DOT)
-    return acc, m_new, l_i
-
-
+# One flat kernel without nested @jit helpers: under the interpreter every nested call re-patches triton.language,
+# which cost more than the arithmetic.
 @triton.jit
 def _attn_fwd(Q, KC, VC, KN, VN, PAST, O, OP, LSE,
               sq_b, sq_h, sq_s, skc_b, skc_h, skc_s, svc_b, svc_h, svc_s,
@@ -96,7 +57,7 @@ def _attn_fwd(Q, KC, VC, KN, VN, PAST, O, OP, LSE,
               S, CAP, KVH, WINDOW, SPLITS,
               G: tl.constexpr, HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-              UPCAST: tl.constexpr, FP32_DOT: tl.constexpr, ALIGNED: tl.constexpr):
+              UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, ALIGNED: tl.constexpr):
     N_QK: tl.constexpr = (HEAD_DIM + BLOCK_D - 1) // BLOCK_D
     tl.static_assert(N_QK <= 2, "head_dim > 2 * BLOCK_D: raise block_k")
     pid = tl.program_id(0)  # row block x output slice
@@ -109,40 +70,44 @@ def _attn_fwd(Q, KC, VC, KN, VN, PAST, O, OP, LSE,
     b64 = b.to(tl.int64)
     kv64 = kv.to(tl.int64)
 
-    # valid cache slots of this batch row, from the device
-    L = tl.load(PAST + b * sp).to(tl.int32)
+    # valid cache slots of this batch row, read on the device
     sliding = WINDOW > 0
+    L = tl.load(PAST + b * sp).to(tl.int32)
     L = tl.where(sliding, tl.minimum(L, WINDOW - 1), L)
     L = tl.maximum(tl.minimum(L, CAP), 0)
 
+    # folded rows: r = g * S + j is query j of head kv * G + g
     rows = mb * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < G * S
-    g = rows // S
     j = rows % S
-    head = (kv * G + g).to(tl.int64)
+    head = (kv * G + rows // S).to(tl.int64)
     d = tl.arange(0, BLOCK_D)
-    q_rows = head * sq_h + j * sq_s
-    q_base = Q + b64 * sq_b
-    q0 = _load_rows(q_base, q_rows, row_ok, d, HEAD_DIM, UPCAST, ALIGNED)
+    q_ptrs = Q + b64 * sq_b + (head * sq_h + j * sq_s)[:, None] + d[None, :]
+    if ALIGNED:  # every row starts 16-byte aligned (the launcher checks): vector loads, cp.async
+        q_ptrs = tl.multiple_of(q_ptrs, [16, 16])
+    q0 = tl.load(q_ptrs, mask=row_ok[:, None] & (d[None, :] < HEAD_DIM), other=0.0)
+    if UPCAST:  # the interpreter mishandles bf16 arithmetic: widen right after every load
+        q0 = q0.to(tl.float32)
     if N_QK == 2:
-        q1 = _load_rows(q_base, q_rows, row_ok, BLOCK_D + d, HEAD_DIM, UPCAST, ALIGNED)
-    else:
-        q1 = q0
+        q1 = tl.load(q_ptrs + BLOCK_D, mask=row_ok[:, None] & (BLOCK_D + d[None, :] < HEAD_DIM), other=0.0)
+        if UPCAST:
+            q1 = q1.to(tl.float32)
 
-    # key ranges this row block can see: cache slots [c_lo, L), new keys [n_lo, n_hi)
-    j_lo = tl.min(tl.where(row_ok, j, S), 0)
-    j_hi = tl.max(tl.where(row_ok, j, 0), 0)
+    # key tiles this row block can see: cache slots [c_lo, L), then new keys [n_lo, n_hi)
     if CAUSAL:
+        j_lo = tl.min(tl.where(row_ok, j, S), 0)
+        j_hi = tl.max(tl.where(row_ok, j, 0), 0)
         n_hi = j_hi + 1
         c_lo = tl.where(sliding, tl.maximum(L + j_lo - WINDOW + 1, 0), 0)
         n_lo = tl.where(sliding, tl.maximum(j_lo - WINDOW + 1, 0), 0)
+        w_eff = tl.where(sliding, WINDOW, 1 << 30)
     else:
         n_hi = S
         c_lo = 0
         n_lo = 0
     n_cache = tl.cdiv(tl.maximum(L - c_lo, 0), BLOCK_N)
     n_tiles = n_cache + tl.cdiv(tl.maximum(n_hi - n_lo, 0), BLOCK_N)
-    per = tl.cdiv(n_tiles, SPLITS)
+    per = tl.cdiv(n_tiles, SPLITS)  # split z takes tiles [z*per, (z+1)*per): contiguous, deterministic
     t0 = split * per
     t1 = tl.minimum(t0 + per, n_tiles)
 
@@ -151,38 +116,56 @@ def _attn_fwd(Q, KC, VC, KN, VN, PAST, O, OP, LSE,
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     kc_base = KC + b64 * skc_b + kv64 * skc_h
     vc_base = VC + b64 * svc_b + kv64 * svc_h
-    for t in range(t0, tl.minimum(t1, n_cache)):
-        keys = c_lo + t * BLOCK_N + tl.arange(0, BLOCK_N)
-        key_ok = keys < L
-        vis = key_ok[None, :] & row_ok[:, None]
-        if CAUSAL:
-            vis = vis & ((keys[None, :] > L + j[:, None] - WINDOW) | (WINDOW <= 0))
-        acc, m_i, l_i = _tile(acc, m_i, l_i, q0, q1, kc_base, vc_base, skc_s, svc_s, keys, key_ok, vis, dv0,
-                              HEAD_DIM, BLOCK_D, N_QK, UPCAST, FP32_DOT, ALIGNED)
     kn_base = KN + b64 * skn_b + kv64 * skn_h
     vn_base = VN + b64 * svn_b + kv64 * svn_h
-    for t in range(tl.maximum(t0, n_cache), t1):
-        keys = n_lo + (t - n_cache) * BLOCK_N + tl.arange(0, BLOCK_N)
-        key_ok = keys < n_hi
-        vis = key_ok[None, :] & row_ok[:, None]
-        if CAUSAL:
-            vis = vis & (keys[None, :] <= j[:, None]) & ((keys[None, :] > j[:, None] - WINDOW) | (WINDOW <= 0))
-        acc, m_i, l_i = _tile(acc, m_i, l_i, q0, q1, kn_base, vn_base, skn_s, svn_s, keys, key_ok, vis, dv0,
-                              HEAD_DIM, BLOCK_D, N_QK, UPCAST, FP32_DOT, ALIGNED)
+    for t in range(t0, t1):
+        in_cache = t < n_cache
+        idx = tl.where(in_cache, c_lo + t * BLOCK_N, n_lo + (t - n_cache) * BLOCK_N) + tl.arange(0, BLOCK_N)
+        key_ok = idx < tl.where(in_cache, L, n_hi)
+        k_ptrs = tl.where(in_cache, kc_base, kn_base) + (idx * tl.where(in_cache, skc_s, skn_s))[:, None] + d[None, :]
+        v_ptrs = (tl.where(in_cache, vc_base, vn_base) + (idx * tl.where(in_cache, svc_s, svn_s))[:, None]
+                  + (dv0 + d)[None, :])
+        if ALIGNED:
+            k_ptrs = tl.multiple_of(k_ptrs, [16, 16])
+            v_ptrs = tl.multiple_of(v_ptrs, [16, 16])
+        k = tl.load(k_ptrs, mask=key_ok[:, None] & (d[None, :] < HEAD_DIM), other=0.0)
+        if UPCAST:
+            k = k.to(tl.float32)
+        s = tl.dot(q0, tl.trans(k), input_precision=DOT_PRECISION)
+        if N_QK == 2:
+            k = tl.load(k_ptrs + BLOCK_D, mask=key_ok[:, None] & (BLOCK_D + d[None, :] < HEAD_DIM), other=0.0)
+            if UPCAST:
+                k = k.to(tl.float32)
+            s += tl.dot(q1, tl.trans(k), input_precision=DOT_PRECISION)
+        if CAUSAL:  # positions relative to P: cache slot k -> k - L (< 0), new key k' -> k'; query j -> j
+            kpos = tl.where(in_cache, idx - L, idx)
+            vis = key_ok[None, :] & (kpos[None, :] <= j[:, None]) & (kpos[None, :] > j[:, None] - w_eff)
+        else:  # the denoiser sees every valid key
+            vis = key_ok[None, :]
+        s = tl.where(vis, s * 1.4426950408889634, float("-inf"))  # scale 1.0; log2 domain for exp2
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # nothing visible yet: stay at 0, not NaN
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        m_i = m_new
+        v = tl.load(v_ptrs, mask=key_ok[:, None] & (dv0 + d[None, :] < HEAD_DIM), other=0.0)
+        if UPCAST:
+            v = v.to(tl.float32)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
 
-    # rows that saw nothing (an empty split, or no visible key) write 0 with weight 0 (lse = -inf)
+    # rows that saw nothing (an empty split; no visible key) write 0 with weight 0 (lse = -inf)
     l_safe = tl.where(l_i > 0.0, l_i, 1.0)
     o = acc / l_safe[:, None]
     dcol = dv0 + d
     st_mask = row_ok[:, None] & (dcol[None, :] < HEAD_DIM)
-    if SPLITS == 1:  # runtime branch: one compiled kernel serves both paths
-        o_ptrs = O + b64 * so_b + head[:, None] * so_h + j[:, None] * so_s + dcol[None, :]
+    if SPLITS == 1:  # runtime branch: one compiled kernel serves both output paths
+        o_ptrs = O + b64 * so_b + (head * so_h + j * so_s)[:, None] + dcol[None, :]
         if ALIGNED:
             o_ptrs = tl.multiple_of(o_ptrs, [16, 16])
         tl.store(o_ptrs, o.to(O.dtype.element_ty), mask=st_mask)
     else:
-        R = G * S
-        part = (split * tl.num_programs(1) + bh).to(tl.int64) * R + rows
+        part = (split * tl.num_programs(1) + bh).to(tl.int64) * (G * S) + rows
         tl.store(OP + part[:, None] * HEAD_DIM + dcol[None, :], o, mask=st_mask)
         lse = tl.where(l_i > 0.0, m_i + tl.log2(l_safe), float("-inf"))
         tl.store(LSE + part, lse, mask=row_ok & (dv0 == 0))  # one writer per row
@@ -373,7 +356,7 @@ def attention(q, k_cache, v_cache, k_new, v_new, past_length, causal: bool, wind
         past.stride(0) if past.numel() > 1 else 0,
         s, cap, kvh, int(window or 0), splits,
         G=g, HEAD_DIM=hd, CAUSAL=bool(causal), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-        BLOCK_D=bd, UPCAST=interp, FP32_DOT=q.dtype == torch.float32, ALIGNED=aligned,
+        BLOCK_D=bd, UPCAST=interp, DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", ALIGNED=aligned,
         **({} if interp else {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}))
     if splits > 1:
         grid = (-(-(g * s) // COMBINE_BLOCK_M) * n_dv, b * kvh)
@@ -394,7 +377,7 @@ def _fwd_signature(dtype: str = "bf16") -> dict[str, str]:
     sig.update(PAST="*i64", O=f"*{dtype}", OP="*fp32", LSE="*fp32")
     sig.update({n: "i32" for n in _INT_ARGS})
     sig.update({n: "constexpr" for n in ("G", "HEAD_DIM", "CAUSAL", "BLOCK_M", "BLOCK_N", "BLOCK_D",
-                                         "UPCAST", "FP32_DOT", "ALIGNED")})
+                                         "UPCAST", "DOT_PRECISION", "ALIGNED")})
     return sig
 
 
@@ -422,7 +405,7 @@ def aot_specs() -> list[aot.AotSpec]:
                     continue  # the denoiser only ever runs a 256-token canvas
                 key = (fam, hd, causal, _tiles(cfg))
                 consts = dict(G=g, HEAD_DIM=hd, CAUSAL=causal, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-                              BLOCK_D=cfg.block_k, UPCAST=False, FP32_DOT=False, ALIGNED=True)
+                              BLOCK_D=cfg.block_k, UPCAST=False, DOT_PRECISION="tf32", ALIGNED=True)
                 spec = aot.AotSpec("", _attn_fwd, _fwd_signature(), consts, fam, cfg.num_warps, cfg.num_stages,
                                    tensor_cores=True)
                 specs.setdefault(key, ([], spec))[0].append(served)

@@ -27,9 +27,14 @@ GQA: query heads sharing a KV head are folded into the rows of one program (row 
 each K/V tile is loaded once for all G heads. The head dim is cut in chunks of BLOCK_D (the config's block_k):
 Q·Kᵀ sums over up to two chunks held on chip, and each program owns one BLOCK_D-wide slice of the output (hd 512:
 two programs per row block, each recomputing the scores: 1.5x the dot FLOPs, but an fp32 accumulator of
-[BLOCK_M, 256] instead of [BLOCK_M, 512], which no register file holds at BLOCK_M=64). Split-K: program z of
-`splits` takes a contiguous share of the row block's key tiles; partials (normalised output, log2-sum-exp) are
-merged by `_combine` in split order, so results do not depend on scheduling.
+[BLOCK_M, 256] per program instead of [BLOCK_M, 512], 128 registers a thread at BLOCK_M=64 and 8 warps before Q, S
+and P). Split-K: program z of `splits` takes a contiguous share of the row block's key tiles; partials (normalised
+output, log2-sum-exp) are merged by `_combine` in split order, so results do not depend on scheduling. The grid,
+(row blocks x output slices, B x kvh, splits), depends on shapes only; the key loop's bounds come from past_length.
+
+Under the interpreter (UPCAST) every tile is widened to fp32 after its load and P stays fp32; compiled, Q/K/V stay
+bf16 for the MMAs and P is rounded to bf16 before P·V. ALIGNED (checked by the launcher) tells the compiler each row
+starts 16-byte aligned, which the AOT compile cannot learn from argument specialisation.
 """
 
 from __future__ import annotations
@@ -43,7 +48,6 @@ import triton.language as tl
 
 from . import aot, configs
 
-LOG2E = 1.4426950408889634
 NUM_SMS_DEFAULT = 132  # H100 SXM; the launcher asks the device when there is one
 
 

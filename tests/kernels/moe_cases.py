@@ -1,11 +1,10 @@
 """Inputs shared by the MoE kernel tests: small shapes whose tiles have masked tails, routings with an empty expert or
-every token on one expert, poisoned launcher buffers, and the model's own expert path."""
+every token on one expert, and the model's own expert path (the `poisoned` fixture is in conftest)."""
 
 from __future__ import annotations
 
 from types import SimpleNamespace
 
-import pytest
 import torch
 
 # H = 96 with BLOCK_K 64 and I = 40 (48 for NVFP4: 16-blocks) with BLOCK_N 32 / BLOCK_K 32 leave a masked tail in
@@ -35,20 +34,6 @@ def routing(t: int, kind: str, seed: int, e: int = E, k: int = K_TOP) -> tuple[t
 
 def randn(*shape: int, seed: int, scale: float = 1.0) -> torch.Tensor:
     return torch.randn(shape, generator=torch.Generator().manual_seed(seed)) * scale
-
-
-@pytest.fixture
-def poisoned(monkeypatch):
-    """Every buffer the MoE launchers allocate starts as NaN (floats; 0x7F for e4m3) or -7 (ints)."""
-    from dgemma.kernels import moe
-
-    def empty(*shape, dtype, device):
-        t = torch.empty(shape, dtype=dtype, device=device)
-        if dtype == torch.float8_e4m3fn:
-            return t.view(torch.uint8).fill_(0x7F).view(dtype)
-        return t.fill_(float("nan")) if t.dtype.is_floating_point else t.fill_(-7)
-
-    monkeypatch.setattr(moe, "empty", empty)
 
 
 def model_experts(w_gate_up: torch.Tensor, w_down: torch.Tensor):

@@ -13,8 +13,8 @@ import torch
 from dgemma.kernels import aot, configs, moe
 from dgemma.kernels.configs import Config
 
-from .moe_cases import E, EMPTY_EXPERT, H, HOT_EXPERT, I, KINDS, TOKENS, max_abs, model_experts, poisoned, randn, \
-    rel_l2, routing  # noqa: F401 (poisoned is a fixture)
+from .moe_cases import E, EMPTY_EXPERT, H, HOT_EXPERT, I, KINDS, TOKENS, max_abs, model_experts, randn, rel_l2, \
+    routing
 
 # test tiles: swap A/B (16 tokens on the MMA's N side) and plain; every loop ends in a masked tail at H=96, I=40
 CONFIGS = {"swap": (Config(16, 32, 64), Config(16, 64, 32)), "plain": (Config(64, 32, 64), Config(64, 64, 32))}

@@ -11,7 +11,7 @@ import torch
 from dgemma.kernels import aot, configs, moe_w4a16 as w4
 from dgemma.kernels.configs import Config
 
-from .moe_cases import E, H, KINDS, TOKENS, max_abs, model_experts, poisoned, rel_l2, randn, routing  # noqa: F401
+from .moe_cases import E, H, KINDS, TOKENS, max_abs, model_experts, rel_l2, randn, routing
 
 I4 = 48  # NVFP4 needs K % 16 == 0: 48 = 32 + a masked 16-column tail at BLOCK_K 32, and at BLOCK_N 32
 CONFIGS = {"swap": (Config(16, 32, 64), Config(16, 64, 32)), "plain": (Config(64, 32, 64), Config(64, 64, 32))}

@@ -87,7 +87,8 @@ def _to_e4m3(v, EMULATE: tl.constexpr):
         bits = v.to(tl.uint32, bitcast=True)
         a = (bits & 0x7FFFFFFF).to(tl.float32, bitcast=True)
         ex = ((bits >> 23) & 0xFF).to(tl.int32)
-        # round |v| to a multiple of the e4m3 spacing 2^(e-3) (2^-9 below the normal range) by adding 1.5*2^(spacing+23)
+        # round |v| to a multiple of the e4m3 spacing 2^(e-3) (2^-9 below the normal range): adding and subtracting
+        # 1.5 * 2^(spacing + 23) leaves exactly that rounding (to nearest even) to the fp32 adder
         sp = tl.maximum(ex - 3, 118)
         magic = (((sp + 23) << 23) | 0x400000).to(tl.float32, bitcast=True)
         r = (a + magic) - magic
@@ -149,11 +150,10 @@ def _tokens_major(acc, BLOCK_M: tl.constexpr):
 def _dispatch_kernel(idx_ptr, counts_ptr, offsets_ptr, order_ptr, tile_expert_ptr, tile_start_ptr, num_tiles_ptr,
                      x_ptr, xq_ptr, xs_ptr, P, T, E: tl.constexpr, E_POW2: tl.constexpr, H: tl.constexpr,
                      BLOCK_M: tl.constexpr, CHUNK: tl.constexpr, TILES: tl.constexpr, QROWS: tl.constexpr,
-                     QBLOCK: tl.constexpr,
-                     QUANT_X: tl.constexpr, ALIGN: tl.constexpr, EMULATE: tl.constexpr):
+                     QBLOCK: tl.constexpr, QUANT_X: tl.constexpr, ALIGN: tl.constexpr, EMULATE: tl.constexpr):
     """Program e < E: expert e's count, its start in the grouped order, its pairs (ascending = a stable sort), its
     BLOCK_M tiles. Every program histograms all pairs itself, so no grid-wide sync is needed. Programs >= E quantise
-    QROWS token rows each to e4m3 (FP8 path)."""
+    QROWS token rows each to e4m3 (FP8 path). Expert ids must lie in [0, E)."""
     pid = tl.program_id(0)
     if pid < E:
         hist = tl.zeros([E_POW2], tl.int32)
@@ -236,8 +236,8 @@ def dispatch(idx: Tensor, num_experts: int, block_m: int, x: Tensor | None = Non
         idx.contiguous(), r.counts, r.offsets, r.order, r.tile_expert, r.tile_start, r.num_tiles,
         r.order if x is None else x, r.order if x is None else r.xq, r.order if x is None else r.xs, p, t,
         E=num_experts, E_POW2=triton.next_power_of_2(num_experts), H=h, BLOCK_M=block_m, CHUNK=DISPATCH_CHUNK,
-        TILES=TILE_CHUNK, QROWS=QUANT_ROWS, QBLOCK=QUANT_BLOCK, QUANT_X=x is not None, ALIGN=x is not None and aligned(x, r.xq),
-        EMULATE=EMULATE, num_warps=4)
+        TILES=TILE_CHUNK, QROWS=QUANT_ROWS, QBLOCK=QUANT_BLOCK, QUANT_X=x is not None,
+        ALIGN=x is not None and aligned(x, r.xq), EMULATE=EMULATE, num_warps=4)
     return r
 
 
@@ -337,8 +337,8 @@ def _fp8_gate_up_kernel(xq_ptr, xs_ptr, order_ptr, offsets_ptr, tile_expert_ptr,
 def _fp8_down_kernel(hq_ptr, hs_ptr, order_ptr, offsets_ptr, tile_expert_ptr, tile_start_ptr, num_tiles_ptr,
                      w_ptr, ws_ptr, rw_ptr, y_ptr, H: tl.constexpr, I: tl.constexpr, BLOCK_M: tl.constexpr,
                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ALIGN: tl.constexpr, EMULATE: tl.constexpr):
-    """One tile x BLOCK_N output columns: y = (hq @ w8ᵀ) · h_scale · w_scale · routing weight, written to the rows of
-    its (token, slot) pairs."""
+    """One tile x BLOCK_N output columns: y = (hq @ w8ᵀ) · h_scale · w_scale · routing weight, written to the rows
+    of its (token, slot) pairs."""
     tile = tl.program_id(0)
     if tile >= tl.load(num_tiles_ptr):
         return
@@ -447,8 +447,9 @@ def dispatch_reference(idx: Tensor, num_experts: int, block_m: int) -> dict[str,
     first = torch.cat([tiles.new_zeros(1), tiles.cumsum(0)])[:-1]
     ts = offsets[te] + (torch.arange(te.numel()) - first[te]) * block_m
     i32 = torch.int32
-    return {"counts": counts.to(i32), "offsets": offsets.to(i32), "order": torch.sort(flat, stable=True).indices.to(i32),
-            "tile_expert": te.to(i32), "tile_start": ts.to(i32), "num_tiles": torch.tensor([te.numel()], dtype=i32)}
+    order = torch.sort(flat, stable=True).indices
+    return {"counts": counts.to(i32), "offsets": offsets.to(i32), "order": order.to(i32), "tile_expert": te.to(i32),
+            "tile_start": ts.to(i32), "num_tiles": torch.tensor([te.numel()], dtype=i32)}
 
 
 def combine_reference(y: Tensor, dtype: torch.dtype) -> Tensor:
@@ -520,7 +521,8 @@ def aot_specs() -> list[aot.AotSpec]:
     for cc in aot.ARCHS:
         specs.append(aot.AotSpec(f"moe_dispatch/sm{cc}", _dispatch_kernel, signature(_dispatch_kernel, disp),
                                  dict(E=FULL["E"], E_POW2=FULL["E"], H=h, BLOCK_M=16, CHUNK=DISPATCH_CHUNK,
-                                      TILES=TILE_CHUNK, QROWS=QUANT_ROWS, QBLOCK=QUANT_BLOCK, QUANT_X=True, ALIGN=True, EMULATE=False), cc, 4, 1))
+                                      TILES=TILE_CHUNK, QROWS=QUANT_ROWS, QBLOCK=QUANT_BLOCK, QUANT_X=True, ALIGN=True,
+                                      EMULATE=False), cc, 4, 1))
         specs.append(aot.AotSpec(f"moe_combine/sm{cc}", _combine_kernel,
                                  signature(_combine_kernel, {"y_ptr": "*bf16", "out_ptr": "*bf16", "T": "i32"}),
                                  dict(H=h, TOP_K=k, ROWS=COMBINE_ROWS, BLOCK_H=COMBINE_BLOCK, ALIGN=True,

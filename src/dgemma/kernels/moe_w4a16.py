@@ -83,7 +83,7 @@ def _w4a16_gate_up_kernel(x_ptr, order_ptr, offsets_ptr, tile_expert_ptr, tile_s
 def _w4a16_down_kernel(h_ptr, order_ptr, offsets_ptr, tile_expert_ptr, tile_start_ptr, num_tiles_ptr,
                        wp_ptr, wsc_ptr, wg_ptr, rw_ptr, y_ptr, H: tl.constexpr, I: tl.constexpr, BLOCK_M: tl.constexpr,
                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ALIGN: tl.constexpr, EMULATE: tl.constexpr):
-    """One tile x BLOCK_N output columns: y = (h @ downᵀ) · routing weight, written to its (token, slot) pair rows."""
+    """One tile x BLOCK_N output columns: y = (h @ downᵀ) · routing weight, written to its (token, slot) rows."""
     tile = tl.program_id(0)
     if tile >= tl.load(num_tiles_ptr):
         return

@@ -169,6 +169,8 @@ def w4a16_moe(x: Tensor, weights: Tensor, idx: Tensor, gate_up_packed: Tensor, g
     t, k = idx.shape
     e, i2, hh = gate_up_packed.shape
     h, i, p, dev = 2 * hh, i2 // 2, t * k, x.device
+    if h % BLOCK or i % BLOCK:
+        raise ValueError(f"NVFP4 needs hidden and intermediate sizes divisible by {BLOCK}, not {h} and {i}")
     x = x.reshape(t, h).contiguous()
     ydt = moe.pair_dtype(x)
     cg, cd = config or moe.launch_configs(GATE_UP, DOWN, dev, p, e)

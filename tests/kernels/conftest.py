@@ -18,3 +18,17 @@ def poison(t):
     import torch
 
     return t.fill_(float("nan")) if t.dtype.is_floating_point else t.fill_(-7)
+
+
+@pytest.fixture
+def poisoned(monkeypatch):
+    """Every buffer the MoE launchers (dgemma.kernels.moe.empty) allocate starts poisoned: NaN, 0x7F (e4m3 NaN), -7."""
+    import torch
+
+    from dgemma.kernels import moe
+
+    def empty(*shape, dtype, device):
+        t = torch.empty(shape, dtype=dtype, device=device)
+        return t.view(torch.uint8).fill_(0x7F).view(dtype) if dtype == torch.float8_e4m3fn else poison(t)
+
+    monkeypatch.setattr(moe, "empty", empty)

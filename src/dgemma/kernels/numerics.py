@@ -57,9 +57,17 @@ def to_e4m3(x, EMU: tl.constexpr):
 
 
 @triton.jit
-def quant_e4m3(x, inv_scale, EMU: tl.constexpr):
-    """x * inv_scale, saturated to the e4m3 range, rounded to e4m3."""
-    return to_e4m3(tl.minimum(tl.maximum(x * inv_scale, -448.0), 448.0), EMU)
+def quant_e4m3(x, s, inv_s, EMU: tl.constexpr):
+    """e4m3(clamp(x / s)) with the IEEE quotient torch computes, without a division per element: q0 = x * (1/s), then
+    one Markstein correction q0 + fma(-q0, s, x) * (1/s), which is the correctly rounded x / s when 1/s is (checked
+    against torch's division in tests/kernels/test_fp8_gemm.py). The interpreter's fma rounds twice, so there
+    (EMU) the division is done directly."""
+    if EMU:
+        y = tl.div_rn(x, s)
+    else:
+        q0 = x * inv_s
+        y = tl.fma(tl.fma(-q0, s, x), inv_s, q0)
+    return to_e4m3(tl.minimum(tl.maximum(y, -448.0), 448.0), EMU)
 
 
 @triton.jit
@@ -70,11 +78,12 @@ def row_scale(amax):
 
 @triton.jit
 def gelu_tanh(x):
-    """torch's gelu(approximate='tanh') in fp32; tanh from exp2 (no libdevice under the interpreter)."""
-    y = 0.7978845608028654 * (x + 0.044715 * (x * x * x))
-    y = tl.minimum(tl.maximum(y, -15.0), 15.0)  # tanh(15) is 1.0 in fp32; keeps exp2 finite
-    t = 1.0 - 2.0 / (tl.exp2(y * 2.8853900817779268) + 1.0)
-    return 0.5 * x * (1.0 + t)
+    """torch's gelu(approximate='tanh') in fp32, as x * sigmoid(2u) = 0.5 * x * (1 + tanh(u)), u = sqrt(2/pi) *
+    (x + 0.044715 x^3): exp2 only (no libdevice under the interpreter), and no cancellation of 1 + tanh(u) for
+    u << 0, where torch's fp32 value is off by up to ~3e-8 * |x| (the two agree to a bf16 rounding step elsewhere)."""
+    u = 0.7978845608028654 * (x + 0.044715 * (x * x * x))
+    u = tl.minimum(tl.maximum(u, -40.0), 40.0)  # keeps exp2 finite; sigmoid(+-80) is 1 / ~0 in fp32
+    return x / (1.0 + tl.exp2(u * -2.8853900817779268))
 
 
 # -- torch twins (the references' arithmetic) ---------------------------------------------------------------------
@@ -83,15 +92,28 @@ def bf16r(x: torch.Tensor) -> torch.Tensor:
     return x.float().to(torch.bfloat16).float()
 
 
-def quant_rows_ref(x: torch.Tensor, reciprocal: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """fast._quant_rows_eager's arithmetic: per-row absmax / 448, x / s saturated to e4m3.
+def gelu_tanh_ref(x: torch.Tensor) -> torch.Tensor:
+    """The kernels' gelu_tanh in torch (fp32)."""
+    x = x.float()
+    u = (0.7978845608028654 * (x + 0.044715 * (x * x * x))).clamp(-40.0, 40.0)
+    return x / (1.0 + torch.exp2(u * -2.8853900817779268))
 
-    reciprocal=True multiplies by 1/s instead of dividing (what the GEMM prologues do: one division per row, not per
-    element); the two differ only where x/s lies within an fp32 ulp of an e4m3 rounding midpoint."""
+
+def quant_rows_ref(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """fast._quant_rows_eager's arithmetic: per-row absmax / 448, x / s saturated to e4m3."""
     xf = x.float()
     s = xf.abs().amax(dim=-1, keepdim=True).clamp(min=AMAX_FLOOR) / E4M3_MAX
-    y = xf * (1.0 / s) if reciprocal else xf / s
-    return y.clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn), s
+    return (xf / s).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn), s
+
+
+def markstein_div_ref(x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """quant_e4m3's compiled quotient in torch: fp32 ops, the two fmas evaluated exactly in fp64 (the products of
+    fp32 numbers are exact there) and rounded once to fp32, as fma.rn.f32 does."""
+    x, s = x.float(), s.float()
+    inv = 1.0 / s
+    q0 = x * inv
+    r = (x.double() - q0.double() * s.double()).float()
+    return (q0.double() + r.double() * inv.double()).float()
 
 
 def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:

@@ -13,6 +13,7 @@ from dgemma.model import MLP, SelfConditioning
 from dgemma.runtime.fast import Fp8Linear, _quant_rows_eager
 
 from .conftest import poison
+from .fp8_weights import exact_rows, fp8_linears
 
 # 32-row tiles over M = 80 (a half tile left), 32-column tiles over N = 48 / I = 40, K = 96 over BK = 64
 SMALL = Config(block_m=32, block_n=32, block_k=64, group_m=2, num_warps=4, num_stages=2)
@@ -90,17 +91,8 @@ def test_prologue_division_sequence():
     assert not torch.equal(x * (1.0 / s), x / s)
 
 
-def _fp8_linears(module, names):
-    """bf16 module, then its nn.Linear children -> fast.Fp8Linear (after the cast: .to() would cast the buffers)."""
-    module = module.to(torch.bfloat16)
-    for name in names:
-        setattr(module, name, Fp8Linear(getattr(module, name).weight.detach() * 2.0))
-    return module
-
-
 def _mlp(h, i, seed):
-    torch.manual_seed(seed)
-    return _fp8_linears(MLP(h, i), ("gate_proj", "up_proj", "down_proj"))
+    return fp8_linears(MLP(h, i), ("gate_proj", "up_proj", "down_proj"), seed)
 
 
 def _kernel_mlp(mlp, q, s, cfg=SMALL):
@@ -114,22 +106,25 @@ def _rel(a, b):
 
 
 def test_dense_mlp_matches_model():
-    """model.MLP with fast.Fp8Linear layers (the CPU fallback: activations fake-quantised per row, weights
-    dequantised to bf16, bf16 matmul). The kernel applies the fp32 weight scales to the fp32 accumulator as
-    _scaled_mm does instead of rounding w*s to bf16 first (2^-9 per weight); those last-bit differences in h move
-    about 1 in 30 of h's e4m3 codes by one step (6%): relative L2 error < 3%."""
+    """model.MLP with fast.Fp8Linear layers (CPU fallback: activations fake-quantised per row and rounded back to
+    bf16, weights dequantised to bf16, bf16 matmul). Weights and the input rows have power-of-two scales
+    (fp8_weights.py), so gate/up are the same numbers on both sides; h's row scale is not a power of two, so the
+    fallback rounds q_h * s_h to bf16 (2^-9) where the kernel keeps q_h and s_h apart: relative L2 < 0.5%."""
     mlp = _mlp(96, 80, 8)
-    x = _x(M, 96, 9)
+    x = exact_rows(_x(M, 96, 9), 9)
     q, s = quant_rows(x)
     y = _kernel_mlp(mlp, q, s)
     with torch.no_grad():
         ref = mlp(x)
-    assert _rel(y, ref) < 3e-2, _rel(y, ref)  # measured 1.4%
+    assert _rel(y, ref) < 5e-3, _rel(y, ref)  # measured 0.19%
 
 
 def test_self_conditioning_mlp_matches_model():
     """SelfConditioning: pre_norm + quantisation (norm_quant), gate/up + GELU (gemm_gelu), down (deferred gemm);
-    the residual add and no-scale post_norm in torch here (kernels.residual_norm owns the layer ones)."""
+    the residual add and no-scale post_norm in torch here (kernels.residual_norm owns the layer ones). pre_norm's
+    output has no power-of-two row scale, so the CPU fallback's bf16 rounding of the dequantised activations moves
+    the gate/up sums by ~2^-10 and, through h's quantisation, about 1 in 30 e4m3 codes of h by one step (6%):
+    relative L2 < 3%."""
     from dgemma.model import Ops
 
     from dgemma.config import ModelConfig
@@ -139,14 +134,14 @@ def test_self_conditioning_mlp_matches_model():
     sc = SelfConditioning(cfg)
     with torch.no_grad():
         sc.pre_norm.weight.add_(0.1 * torch.randn(96))
-    sc = _fp8_linears(sc, ("gate_proj", "up_proj", "down_proj"))
+    sc = fp8_linears(sc, ("gate_proj", "up_proj", "down_proj"), 10)
     emb, soft = _x(M, 96, 11), _x(M, 96, 12)
     q, s = norm_quant(soft, sc.pre_norm.weight, cfg.rms_norm_eps)
     y = _kernel_mlp(sc, q, s)
     out = Ops.rms_norm(emb + y, None, cfg.rms_norm_eps)
     with torch.no_grad():
         ref = sc(emb, soft)
-    assert _rel(out, ref) < 3e-2, _rel(out, ref)  # measured 1.1%
+    assert _rel(out, ref) < 3e-2, _rel(out, ref)  # measured 1.25%
 
 
 def test_rejects_unaligned_rows():

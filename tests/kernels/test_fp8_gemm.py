@@ -12,12 +12,15 @@ from dgemma.kernels.numerics import markstein_div_ref
 from dgemma.model import MLP, SelfConditioning
 from dgemma.runtime.fast import Fp8Linear, _quant_rows_eager
 
+from . import aot_pool
 from .conftest import poison
 from .fp8_weights import exact_rows, fp8_linears
 
-# 32-row tiles over M = 80 (a half tile left), 32-column tiles over N = 48 / I = 40, K = 96 over BK = 64
+# 32-row tiles over M = 48 (a half tile left), 32-column tiles over N = 48 / I = 40, K = 96 over BK = 64
 SMALL = Config(block_m=32, block_n=32, block_k=64, group_m=2, num_warps=4, num_stages=2)
-M, K, N, I = 80, 96, 48, 40
+M, K, N, I = 48, 96, 48, 40
+
+KERNEL_MODULE = "dgemma.kernels.fp8_gemm"
 
 
 def _w(n, k, seed, scale=0.05):
@@ -151,9 +154,14 @@ def test_rejects_unaligned_rows():
                 config=SMALL)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def gates_started(request):
+    aot_pool.start_selected(request.session)  # the AOT compiles run beside the interpreted tests
+
+
 @pytest.fixture(scope="module")
 def aot_rows():
-    return aot.gate("dgemma.kernels.fp8_gemm")
+    return aot_pool.rows(KERNEL_MODULE)
 
 
 def test_aot_production_configs(aot_rows):

@@ -10,10 +10,13 @@ from dgemma.kernels.numerics import bf16r
 from dgemma.model import Ops
 from dgemma.runtime.fast import _quant_rows_eager
 
+from . import aot_pool
 from .conftest import poison
 
 EPS = 1e-6
 SMALL = Config(block_m=2, num_warps=4, num_stages=1)  # 2 rows per program: T odd leaves a masked row
+
+KERNEL_MODULE = "dgemma.kernels.norm_quant"
 
 
 def _inputs(t=37, k=96, seed=0):
@@ -82,9 +85,14 @@ def test_bf16_only_output():
     assert torch.equal(y.float(), bf16r(nq.norm_quant_ref(x, w, EPS)[2]))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def gates_started(request):
+    aot_pool.start_selected(request.session)  # the AOT compiles run beside the interpreted tests
+
+
 @pytest.fixture(scope="module")
 def aot_rows():
-    return aot.gate("dgemma.kernels.norm_quant")
+    return aot_pool.rows(KERNEL_MODULE)
 
 
 def test_aot_production_configs(aot_rows):

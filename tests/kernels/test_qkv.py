@@ -14,13 +14,18 @@ from dgemma.kernels.configs import Config
 from dgemma.kernels.norm_quant import quant_rows
 from dgemma.model import Attention, DiffusionGemma, rope_inv_freq
 
+from . import aot_pool
+
 from .fp8_weights import exact_rows, fp8_linears
 
 H, NH = 96, 4  # K = 96 over BK = 64: a masked K tail
 CFG = ModelConfig(hidden_size=H, num_attention_heads=NH, num_key_value_heads=2, head_dim=32, global_head_dim=64,
-                  num_global_key_value_heads=1, num_hidden_layers=2, layer_types=("sliding_attention", "full_attention"),
+                  num_global_key_value_heads=1, num_hidden_layers=2,
+                  layer_types=("sliding_attention", "full_attention"),
                   intermediate_size=64, moe_intermediate_size=16, num_experts=4, top_k_experts=2, sliding_window=8)
 W1 = CFG.sliding_cache_len  # 7: sliding K/V of canvas token s go to slot 7 + s
+
+KERNEL_MODULE = "dgemma.kernels.qkv"
 
 
 def _attention(layer, seed=0):
@@ -111,7 +116,8 @@ def test_rope_tables_match_model():
         cos, sin = qkv.rope_tables(past, 16, inv)
         mc, ms = tables[sliding]
         half = inv.shape[0]
-        assert torch.equal(cos, mc.reshape(-1, 2 * half)[:, :half]) and torch.equal(sin, ms.reshape(-1, 2 * half)[:, :half])
+        assert torch.equal(cos, mc.reshape(-1, 2 * half)[:, :half])
+        assert torch.equal(sin, ms.reshape(-1, 2 * half)[:, :half])
 
 
 @pytest.mark.parametrize("layer", [0, 1], ids=["sliding", "full"])
@@ -137,9 +143,14 @@ def test_matches_model_attention_qkv(layer):
             assert (got != ref).float().mean().item() < 0.01
 
 
+@pytest.fixture(scope="session", autouse=True)
+def gates_started(request):
+    aot_pool.start_selected(request.session)  # the AOT compiles run beside the interpreted tests
+
+
 @pytest.fixture(scope="module")
 def aot_rows():
-    return aot.gate("dgemma.kernels.qkv")
+    return aot_pool.rows(KERNEL_MODULE)
 
 
 def test_aot_production_configs(aot_rows):

@@ -13,6 +13,7 @@ from dgemma.kernels.configs import Config
 from dgemma.model import Layer
 from dgemma.runtime.fast import _quant_rows_eager
 
+from . import aot_pool
 from .conftest import poison
 
 H, E, TOP_K, T = 96, 8, 3, 40
@@ -23,6 +24,8 @@ CFG = ModelConfig(vocab_size=64, hidden_size=H, intermediate_size=64, moe_interm
 # 16-row blocks over T = 40 (a half block left), 64-column chunks over H = 96 (a half chunk left)
 PA_CFG = Config(block_m=16, block_k=64, num_warps=4, num_stages=1)
 PF_CFG = Config(block_m=2, num_warps=4, num_stages=1)
+
+KERNEL_MODULE = "dgemma.kernels.residual_norm"
 
 
 @pytest.fixture(scope="module")
@@ -190,9 +193,14 @@ def test_post_ffn_matches_model_layer_ffn(model):
     assert torch.allclose(s, rs, rtol=2**-7, atol=0) and _codes_equal_frac(q, rq) < 0.01
 
 
+@pytest.fixture(scope="session", autouse=True)
+def gates_started(request):
+    aot_pool.start_selected(request.session)  # the AOT compiles run beside the interpreted tests
+
+
 @pytest.fixture(scope="module")
 def aot_rows():
-    return aot.gate("dgemma.kernels.residual_norm")
+    return aot_pool.rows(KERNEL_MODULE)
 
 
 def test_aot_production_configs(aot_rows):

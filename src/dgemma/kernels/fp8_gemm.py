@@ -2,12 +2,14 @@
 
 Owns `gemm` (bf16 out: o_proj, dense down_proj, self-conditioning down_proj), `gemm_gelu` (one pass over a fused
 [gate; up] weight: h = gelu_tanh(gate) * up, optionally with the per-row absmax partials that let the next GEMM
-quantise h per row), the shared main loop `mainloop` (also used by kernels.qkv), torch references, configs and AOT specs.
+quantise h per row), `cat_weights`, `tma_desc` (the TMA operand check every dense kernel uses), torch references,
+configs and AOT specs.
 
 Operands are loaded by TMA tensor descriptors (SM90/100/120): out-of-range rows, columns and the K tail are
-zero-filled by the hardware, and the descriptors' 16-byte alignment is part of their contract, so the AOT compile is the
-pipelined kernel the GPU runs. Row strides must therefore be multiples of 16 bytes (K % 16 == 0 for e4m3, N % 8 for
-bf16 outputs).
+zero-filled by the hardware, and the descriptors' 16-byte alignment is part of their contract, so the AOT compile
+is the pipelined kernel the GPU runs (plain pointers would need the JIT's alignment specialisation, which the AOT
+gate's signature cannot express: without it triton emits byte loads and no cp.async pipeline). Row strides must
+therefore be multiples of 16 bytes (K % 16 == 0 for e4m3, N % 8 for bf16 outputs).
 
 Activations arrive in one of two forms:
 * quantised: e4m3 [M,K] + fp32 scale [M,1] (kernels.norm_quant, residual_norm), as fast._quant_rows_eager gives;
@@ -126,7 +128,7 @@ def _table(epi: int, deferred: bool) -> str:
 
 
 # -- launchers --------------------------------------------------------------------------------------------------------
-def _desc(t: torch.Tensor, block: list[int]) -> TensorDescriptor:
+def tma_desc(t: torch.Tensor, block: list[int]) -> TensorDescriptor:
     if t.stride(-1) != 1 or t.data_ptr() % 16 or any((s * t.element_size()) % 16 for s in t.stride()[:-1]):
         raise ValueError(f"TMA operand needs a 16-byte aligned base and row stride: shape {tuple(t.shape)}, "
                          f"strides {t.stride()}, dtype {t.dtype}")
@@ -152,7 +154,8 @@ def _launch(epi, a, a_scale, a_amax, w, w2, sw, sw2, n, out, amax_out, config):
     n_tiles = triton.cdiv(n, bn)
     grid = (triton.cdiv(m, bm) * n_tiles,)
     _fp8_gemm_kernel[grid](
-        _desc(a, [bm, bk]), side, side, _desc(w, [bn, bk]), _desc(w2, [bn, bk]), sw, sw2, _desc(out, [bm, bn]),
+        tma_desc(a, [bm, bk]), side, side, tma_desc(w, [bn, bk]), tma_desc(w2, [bn, bk]), sw, sw2,
+        tma_desc(out, [bm, bn]),
         amax_out if amax_out is not None else side, m, n, k, side.shape[-1] if deferred else 1,
         amax_out.shape[-1] if amax_out is not None else 1,
         EPI=epi, A_DEFERRED=deferred, OUT_AMAX=amax_out is not None, GROUP_M=cfg.group_m, BM=bm, BN=bn, BK=bk,

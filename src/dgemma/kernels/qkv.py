@@ -29,7 +29,7 @@ from . import aot, configs
 from .configs import Config
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from .fp8_gemm import _desc
+from .fp8_gemm import tma_desc
 from .numerics import bf16r, device_cc, interpreting, round_bf16
 
 KERNEL = {False: "qkv_sliding", True: "qkv_full"}  # keyed by k_eq_v
@@ -220,8 +220,8 @@ def qkv_project(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_scale
         q_dst, k_dst, v_dst = q, k_cache, v_cache
     grid = (triton.cdiv(t, bt), n_heads + kv_heads * (1 if k_eq_v else 2))
     _qkv_kernel[grid](
-        _desc(a, [bt, cfg.block_k]), a_scale.reshape(-1), _desc(w, [half, cfg.block_k]), w_scale, q_norm, k_norm,
-        _desc(cos[:, :half], [bt, half]), _desc(sin[:, :half], [bt, half]), past, q_dst, k_dst, v_dst,
+        tma_desc(a, [bt, cfg.block_k]), a_scale.reshape(-1), tma_desc(w, [half, cfg.block_k]), w_scale, q_norm,
+        k_norm, tma_desc(cos[:, :half], [bt, half]), tma_desc(sin[:, :half], [bt, half]), past, q_dst, k_dst, v_dst,
         t, seq_len, hsz, cap, 0 if slot_base is None else slot_base, float(eps),
         NH=n_heads, KVH=kv_heads, HD=head_dim, K_EQ_V=k_eq_v, SLOT_FROM_POS=slot_base is None, TMA_OUT=tma_out,
         BT=bt, BK=cfg.block_k, EMU=interpreting(), num_warps=cfg.num_warps, num_stages=cfg.num_stages)

@@ -34,7 +34,7 @@ import triton.language as tl
 
 from . import aot, configs
 from .configs import Config
-from .fp8_gemm import _desc
+from .fp8_gemm import tma_desc
 from .numerics import bf16r, device_cc, interpreting, quant_rows_ref, rms_norm_ref, round_bf16, row_scale, to_e4m3
 
 POST_ATTENTION, POST_FFN = "post_attention", "post_ffn"
@@ -236,9 +236,9 @@ def post_attention(x, attn_out, w_post_attn, w_pre_ff, w_pre_ff2, router_scale, 
     ti = _empty(t, top_k, dtype=torch.int32, device=dev)
     e_pad = max(16, triton.next_power_of_2(e))
     _post_attention_kernel[(triton.cdiv(t, cfg.block_m),)](
-        x2, a2, w_post_attn, w_pre_ff, w_pre_ff2, router_scale, _desc(router_proj.contiguous(), [e_pad, cfg.block_k]),
-        per_expert_scale,
-        r, *(v if v is not None else r for v in (q1, s1, y1, q2, s2, y2)), tw, ti, t, h, e, float(eps), h ** -0.5,
+        x2, a2, w_post_attn, w_pre_ff, w_pre_ff2, router_scale,
+        tma_desc(router_proj.contiguous(), [e_pad, cfg.block_k]), per_expert_scale, r,
+        *(v if v is not None else r for v in (q1, s1, y1, q2, s2, y2)), tw, ti, t, h, e, float(eps), h ** -0.5,
         Q1=quant_ff, Y1=ff_bf16, Q2=quant_ff2, Y2=ff2_bf16, TOP_K=top_k, K_PAD=triton.next_power_of_2(top_k),
         E_PAD=e_pad, BM=cfg.block_m, BK=cfg.block_k, EMU=interpreting(),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)

@@ -30,6 +30,10 @@ KERNEL_MODULE = "dgemma.kernels.residual_norm"
 
 @pytest.fixture(scope="module")
 def model():
+    return build_layers()
+
+
+def build_layers():
     """Two bf16 model.Layer's initialised as DiffusionGemma.random does (built directly: random() goes through the
     meta device, whose first use costs seconds of torch imports)."""
     g = torch.Generator().manual_seed(0)

@@ -201,6 +201,7 @@ def qkv_project(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_scale
     t, hsz = a.shape
     b = t // seq_len
     assert b * seq_len == t and past.shape == (b,) and past.dtype == torch.int32
+    assert a.dtype == w.dtype == torch.float8_e4m3fn and a_scale.dtype == w_scale.dtype == torch.float32
     k_eq_v = w.shape[0] == (n_heads + kv_heads) * head_dim
     assert k_eq_v or w.shape[0] == (n_heads + 2 * kv_heads) * head_dim, "w rows: (nh + kvh [+ kvh]) * head_dim"
     assert k_cache.is_contiguous() and v_cache.is_contiguous() and k_cache.shape == v_cache.shape

@@ -30,9 +30,9 @@ sums, accurate to a few fp32 ulps of |x - M| + log S (asserted < 1e-5 against fp
 measured ~2e-7).
 Not equal: the sampled tokens. They come from a Gumbel-max / exponential race (sample = argmax_j x_j - log E_j,
 E_j ~ Exp(1), the max over each tile in pass 1, over tiles in pass 2) over a Philox stream keyed by the request's
-seed and device step counter (`philox`; one Philox call serves 4 ids), not from torch.multinomial's stream; they are tested in
-distribution (chi-square), for reproducibility (same seed and counter -> same tokens, independent of tile sizes) and
-against `sample_ref`, the same arithmetic in torch.
+seed and device step counter (`philox`; one Philox call serves 4 ids), not from torch.multinomial's stream; they
+are tested in distribution (chi-square), for reproducibility (same seed and counter -> same tokens, independent of
+the tile sizes) and against `sample_ref`, the same arithmetic in torch.
 """
 
 from __future__ import annotations

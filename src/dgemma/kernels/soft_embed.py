@@ -21,6 +21,8 @@ probabilities whose fp32 value lies within an ulp of a bf16 rounding boundary an
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -136,6 +138,7 @@ def pick(kernel: str, rows: int, device) -> configs.Config:
     return configs.lookup(kernel, major * 10 + minor, rows)
 
 
+@functools.lru_cache(maxsize=None)
 def embed_scale(hidden: int) -> float:
     """bf16(sqrt(H)) as model.soft_embed rounds it (53.0 for H = 2816)."""
     return float(torch.tensor(hidden**0.5, dtype=torch.float32).to(torch.bfloat16))
@@ -153,7 +156,10 @@ def soft_embed(xb: Tensor, stats: Tensor, weight: Tensor, out: Tensor, done: Ten
     h = weight.shape[0] if fp8 else weight.shape[1]
     cfg = cfg or pick("soft_embed_fp8" if fp8 else "soft_embed", m, xb.device)
     assert h % cfg.block_n == 0 and v % 16 == 0 and h % 16 == 0 and out.shape == (m, h) and out.dtype == torch.bfloat16
-    assert (weight.shape == (h, v) and weight_scale is not None and probs8 is not None) if fp8 else weight.shape == (v, h)
+    if fp8:
+        assert weight.shape == (h, v) and weight_scale is not None and probs8 is not None
+    else:
+        assert weight.shape == (v, h)
     grid = (triton.cdiv(m, PROBS_ROWS), triton.cdiv(v, PROBS_COLS))
     _probs_kernel[grid](xb, stats, probs8 if fp8 else xb, probs8_scale if fp8 else stats, m, V=v,
                         BLOCK_R=PROBS_ROWS, BLOCK_V=PROBS_COLS, FP8=fp8, num_warps=4)

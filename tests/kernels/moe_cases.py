@@ -38,7 +38,7 @@ def randn(*shape: int, seed: int, scale: float = 1.0) -> torch.Tensor:
 
 def model_experts(w_gate_up: torch.Tensor, w_down: torch.Tensor):
     """model.Experts (impl "grouped") holding the given fp32 weights [E,2I,H], [E,H,I]."""
-    from dgemma.model import Experts
+    from dgemma.model.modeling import Experts
 
     e, i2, h = w_gate_up.shape
     ex = Experts(SimpleNamespace(num_experts=e, hidden_size=h, moe_intermediate_size=i2 // 2))

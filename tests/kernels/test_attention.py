@@ -17,10 +17,10 @@ import sys
 import pytest
 import torch
 
-from dgemma import export
-from dgemma.config import ModelConfig
+from dgemma.model import static_passes as export
+from dgemma.core.config import ModelConfig
 from dgemma.kernels import aot, attention as A, configs
-from dgemma.model import Attention
+from dgemma.model.modeling import Attention
 
 W = 8  # sliding window of the small shapes; the cache keeps W-1 = 7 tokens
 S = 12  # new tokens (> W, so the causal window also cuts the new keys)

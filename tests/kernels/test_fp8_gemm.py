@@ -9,8 +9,9 @@ from dgemma.kernels import aot, fp8_gemm as fg
 from dgemma.kernels.configs import Config
 from dgemma.kernels.norm_quant import norm_quant, quant_rows
 from dgemma.kernels.numerics import markstein_div_ref
-from dgemma.model import MLP, SelfConditioning
-from dgemma.runtime.fast import Fp8Linear, _quant_rows_eager
+from dgemma.model.modeling import MLP, SelfConditioning
+from dgemma.model.lowp import fp8_quantize_rows as _quant_rows_eager
+from dgemma.runtime.fast import Fp8Linear
 
 from . import aot_pool
 from .conftest import poison
@@ -128,9 +129,9 @@ def test_self_conditioning_mlp_matches_model():
     output has no power-of-two row scale, so the CPU fallback's bf16 rounding of the dequantised activations moves
     the gate/up sums by ~2^-10 and, through h's quantisation, about 1 in 30 e4m3 codes of h by one step (6%):
     relative L2 < 3%."""
-    from dgemma.model import Ops
+    from dgemma.model.modeling import Ops
 
-    from dgemma.config import ModelConfig
+    from dgemma.core.config import ModelConfig
 
     cfg = ModelConfig(hidden_size=96, intermediate_size=80, num_hidden_layers=1, layer_types=("full_attention",))
     torch.manual_seed(10)

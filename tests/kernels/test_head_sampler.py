@@ -16,11 +16,11 @@ import math
 import pytest
 import torch
 
-from dgemma import sampler
-from dgemma.config import TINY, SamplerConfig
+from dgemma.generation import sampler
+from dgemma.core.config import TINY, SamplerConfig
 from dgemma.kernels import aot, canvas_step, configs, head_sampler as hs, soft_embed as se
 from dgemma.kernels.fused_sampler import FusedSampler, HeadWeights
-from dgemma.model import DiffusionGemma
+from dgemma.model.modeling import DiffusionGemma
 
 from .conftest import poison
 

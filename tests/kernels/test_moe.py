@@ -43,7 +43,7 @@ def fp8_weights(seed: int, e: int = E, h: int = H, i: int = I):
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("t", TOKENS)
 def test_dispatch_groups_pairs_like_a_stable_sort(poisoned, t, kind, block_m):
-    from dgemma.runtime.fast import _quant_rows_eager
+    from dgemma.model.lowp import fp8_quantize_rows as _quant_rows_eager
 
     _, idx = routing(t, kind, seed=t)
     x = randn(t, H, seed=t, scale=3.0).to(torch.bfloat16 if block_m == 64 else torch.float32)

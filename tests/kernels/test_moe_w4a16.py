@@ -51,7 +51,7 @@ def edge_weights():
 
 @pytest.mark.parametrize("case", ["edges", "tails"])
 def test_dequantization_equals_nvfp4_dq_bit_for_bit(case):
-    from dgemma.qdq_ops import nvfp4_dq
+    from dgemma.model.lowp import nvfp4_decode as nvfp4_dq
 
     if case == "edges":
         (packed, scale, s2), tiles = edge_weights(), dict(block_n=16, block_k=128)
@@ -92,7 +92,7 @@ def test_w4a16_moe_bf16_activations(poisoned, cfg):
 
 def test_w4a16_moe_near_the_model_path(poisoned):
     """model.Experts._grouped in fp32 on nvfp4_dq's weights and the same (bf16-valued) x; production tiles."""
-    from dgemma.qdq_ops import nvfp4_dq
+    from dgemma.model.lowp import nvfp4_decode as nvfp4_dq
 
     w, idx = routing(33, "random", seed=13)
     x = randn(33, H, seed=13).to(torch.bfloat16).float()

@@ -7,8 +7,8 @@ import torch
 from dgemma.kernels import aot, norm_quant as nq
 from dgemma.kernels.configs import Config
 from dgemma.kernels.numerics import bf16r
-from dgemma.model import Ops
-from dgemma.runtime.fast import _quant_rows_eager
+from dgemma.model.modeling import Ops
+from dgemma.model.lowp import fp8_quantize_rows as _quant_rows_eager
 
 from . import aot_pool
 from .conftest import poison

@@ -8,11 +8,11 @@ import types
 import pytest
 import torch
 
-from dgemma.config import ModelConfig
+from dgemma.core.config import ModelConfig
 from dgemma.kernels import aot, qkv
 from dgemma.kernels.configs import Config
 from dgemma.kernels.norm_quant import quant_rows
-from dgemma.model import Attention, DiffusionGemma, rope_inv_freq
+from dgemma.model.modeling import Attention, DiffusionGemma, rope_inv_freq
 
 from . import aot_pool
 

@@ -7,11 +7,11 @@ import types
 import pytest
 import torch
 
-from dgemma.config import ModelConfig
+from dgemma.core.config import ModelConfig
 from dgemma.kernels import aot, residual_norm as rn
 from dgemma.kernels.configs import Config
-from dgemma.model import Layer
-from dgemma.runtime.fast import _quant_rows_eager
+from dgemma.model.modeling import Layer
+from dgemma.model.lowp import fp8_quantize_rows as _quant_rows_eager
 
 from . import aot_pool
 from .conftest import poison

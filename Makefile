@@ -13,10 +13,11 @@ STAMP := $(VENV)/.dgemma-installed
 SCENARIO ?= anchor,adaptive
 BACKEND ?= torch
 URL ?=
+OPENAI_PORT ?= 9000
 BENCH_ARGS ?=
 LOADTEST_ARGS ?=
 
-.PHONY: venv demo test test-gpu clean-venv init-tiny train-tiny eval generate profiles bench report quantize onnx engines repo serve loadtest perf-tools probe
+.PHONY: venv demo test test-gpu clean-venv init-tiny train-tiny eval generate profiles bench report quantize onnx engines repo serve openai loadtest perf-tools probe
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -113,13 +114,20 @@ engines: $(STAMP)
 	$(PY) -m dgemma engines --gpu $(GPU) --precision $(PRECISION)
 
 # Triton model repository -> build/triton/$(GPU)/$(PRECISION)/{models,backends}; `serve` renders it and runs
-# tritonserver on 127.0.0.1 (free gRPC/HTTP/metrics ports, printed; Ctrl-C stops it). GPU=cpu needs the fp32 ONNX
-# graphs (make onnx PRECISION=fp32). Talk to it with `dgemma client --url ...`; `make loadtest` measures it.
+# tritonserver on 127.0.0.1 (Triton's ports 8000/8001/8002, free ones for any that is busy; printed; Ctrl-C stops
+# it). GPU=cpu needs the fp32 ONNX graphs (make onnx PRECISION=fp32). Talk to it with `dgemma client`;
+# `make openai` puts the OpenAI-compatible HTTP API in front of it; `make loadtest` measures it.
 repo: $(STAMP)
 	$(PY) -m dgemma repo --gpu $(GPU) --precision $(PRECISION) $(if $(CKPT),--checkpoint $(CKPT))
 
 serve: $(STAMP)
 	$(PY) -m dgemma serve --gpu $(GPU) --precision $(PRECISION) $(if $(CKPT),--checkpoint $(CKPT))
+
+# OpenAI-compatible API on http://127.0.0.1:$(OPENAI_PORT)/v1 in front of a running `make serve` (URL=host:port of
+# its gRPC endpoint; default 127.0.0.1:8001, else the one it wrote to build/serve.json). DGEMMA_API_KEY=... to
+# require a key.
+openai: $(STAMP)
+	$(PY) -m dgemma openai --port $(OPENAI_PORT) $(if $(URL),--url $(URL)) $(if $(CKPT),--checkpoint $(CKPT))
 
 # Serving under load (was `dgemma loadtest`): the Triton concurrency sweep of `dgemma bench`, with the loop's step time
 # and the graph models' batch sizes per level from the server's metrics.

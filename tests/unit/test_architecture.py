@@ -23,7 +23,7 @@ STAGE_EXCEPTIONS = {("bench", "serving.client"), ("bench", "serving.render"), ("
 LAZY_OK = {"torch",  # its heavy submodules (torch._dynamo, torch.export) only where they are used
            "tensorrt", "tensorrt_rtx", "modelopt", "onnx", "onnxruntime", "onnxscript", "onnx_ir", "tritonclient",
            "triton_python_backend_utils", "triton", "transformers", "matplotlib", "pynvml", "tqdm", "safetensors",
-           "tokenizers", "starlette", "uvicorn", "yaml", "kubernetes_validate", "jsonschema", "httpx"}
+           "tokenizers", "starlette", "uvicorn", "jinja2", "grpc", "yaml", "kubernetes_validate", "jsonschema", "httpx"}
 
 
 def modules(src: Path) -> dict[str, Path]:

@@ -7,10 +7,11 @@ import json
 import sys
 
 from ..core.errors import DgemmaError
-from ..serving.client import ServerError, health, request, stats
+from ..serving.client import ServerError, default_grpc_url, health, request, stats
 
 
 def cmd_client(args) -> int:
+    args.url = args.url or default_grpc_url()
     if args.stats:
         s = stats(args.url)
         if args.json:
@@ -58,7 +59,8 @@ def cmd_client(args) -> int:
 
 def add_parser(sub) -> None:
     c = sub.add_parser("client", help="send a prompt to the Triton `dgemma` model over gRPC (or --health, --stats)")
-    c.add_argument("--url", default="127.0.0.1:8001", help="gRPC host:port (dgemma serve prints it)")
+    c.add_argument("--url", help="gRPC host:port (dgemma serve prints it; default 127.0.0.1:8001, else the "
+                                 "address a running `dgemma serve` wrote to build/serve.json)")
     c.add_argument("--prompt")
     c.add_argument("--health", action="store_true", help="server and model readiness")
     c.add_argument("--stats", action="store_true",

@@ -52,6 +52,11 @@ class Layout:
         return self.root / "build" / "deploy" / gpu / precision
 
     @property
+    def serve_ready_file(self) -> Path:
+        """Where a running `dgemma serve` writes its addresses (`dgemma client` / `dgemma openai` read it)."""
+        return self.root / "build" / "serve.json"
+
+    @property
     def results(self) -> Path:
         return self.root / "bench" / "results"
 

@@ -1,11 +1,15 @@
 """Tokenization and the Gemma chat template, shared by the CLI, Triton pre/post-processing, client and tests.
 
 Loads the checkpoint's own `tokenizer.json` with the `tokenizers` library (real checkpoint and tiny
-default alike) and renders the non-thinking Gemma-4 chat prompt (spec §3). Knows nothing of models.
+default alike) and renders the non-thinking Gemma-4 chat prompt (spec §3): one user turn (`chat_prompt`) or a
+whole conversation (`render_chat`: the checkpoint's own jinja `chat_template` in a sandbox when it ships one,
+else the same format over several turns). Knows nothing of models.
 """
 
 from __future__ import annotations
 
+import functools
+import json
 from pathlib import Path
 
 from ..core.errors import CheckpointError, RequestError
@@ -18,9 +22,82 @@ SPECIAL_IDS = {
 NEWLINE_ID = 107
 
 
+GENERATION_PROMPT = "<|turn>model\n<|channel>thought\n<channel|>"  # non-thinking: an empty thought channel
+CHAT_ROLES = ("system", "user", "assistant")  # OpenAI's "developer" is taken as "system"
+
+
 def chat_prompt(user_text: str) -> str:
     """Non-thinking single-turn prompt, as rendered by the checkpoint's chat template (spec §3)."""
-    return f"<bos><|turn>user\n{user_text}<turn|>\n<|turn>model\n<|channel>thought\n<channel|>"
+    return f"<bos><|turn>user\n{user_text}<turn|>\n{GENERATION_PROMPT}"
+
+
+def chat_messages(messages) -> list[dict[str, str]]:
+    """OpenAI-style chat messages -> [{"role", "content"}] with string content, or RequestError naming the
+    message. Roles system/user/assistant ("developer" = system); content a string or a list of
+    {"type": "text", "text": str} parts (joined with newlines). Images, audio and tool calls are refused."""
+    if not isinstance(messages, list) or not messages:
+        raise RequestError(f"messages must be a non-empty list of {{role, content}} objects (got "
+                           f"{type(messages).__name__ if not isinstance(messages, list) else 'an empty list'}).")
+    out = []
+    for i, m in enumerate(messages):
+        where = f"messages[{i}]"
+        if not isinstance(m, dict):
+            raise RequestError(f"{where} must be an object with role and content (got {type(m).__name__}).")
+        role = m.get("role")
+        role = "system" if role == "developer" else role
+        if role not in CHAT_ROLES:
+            raise RequestError(f"{where}.role must be one of system, user, assistant, developer (got {role!r}); "
+                               "tool messages are not supported.")
+        for key in ("tool_calls", "function_call", "audio"):
+            if m.get(key) is not None:
+                raise RequestError(f"{where}.{key} is not supported (text chat only).")
+        content = m.get("content")
+        if isinstance(content, list):
+            texts = []
+            for j, part in enumerate(content):
+                if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                    kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+                    raise RequestError(f"{where}.content[{j}] must be {{\"type\": \"text\", \"text\": string}} "
+                                       f"(got {kind!r}); only text parts are supported.")
+                texts.append(part["text"])
+            content = "\n".join(texts)
+        if not isinstance(content, str):
+            raise RequestError(f"{where}.content must be a string or a list of text parts "
+                               f"(got {type(content).__name__}).")
+        out.append({"role": role, "content": content})
+    return out
+
+
+def render_chat(messages, template: str | None = None, bos_token: str = "<bos>", eos_token: str = "<eos>") -> str:
+    """The prompt text (starting with <bos>) for a conversation, ending with the non-thinking generation prompt.
+    template: a checkpoint's jinja chat_template, rendered in jinja2's immutable sandbox (as transformers does);
+    None: the Gemma-4 format of `chat_prompt` over every turn (assistant turns as "model", no thought channel)."""
+    msgs = chat_messages(messages)
+    if template is None:
+        turns = "".join(f"<|turn>{'model' if m['role'] == 'assistant' else m['role']}\n{m['content']}<turn|>\n"
+                        for m in msgs)
+        return f"{bos_token}{turns}{GENERATION_PROMPT}"
+    from jinja2 import TemplateError
+
+    try:
+        text = _compiled_template(template).render(messages=msgs, add_generation_prompt=True, bos_token=bos_token,
+                                                eos_token=eos_token, enable_thinking=False)
+    except TemplateError as e:
+        raise CheckpointError(f"the checkpoint's chat_template failed to render ({type(e).__name__}: {e}).") from None
+    return text if text.startswith(bos_token) else bos_token + text
+
+
+def _raise_exception(message):
+    raise RequestError(f"the chat template refused the messages: {message}")
+
+
+@functools.lru_cache(maxsize=4)
+def _compiled_template(template: str):
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+    env.globals["raise_exception"] = _raise_exception
+    return env.from_string(template)
 
 
 class Tokenizer:
@@ -36,6 +113,7 @@ class Tokenizer:
         except Exception as e:  # tokenizers raises a plain Exception subclass
             raise CheckpointError(f"{f} is not a loadable tokenizer.json ({e}).") from None
         self.path = f
+        self._chat_template: tuple[str | None, str, str] | None = None
 
     @property
     def vocab_size(self) -> int:
@@ -51,6 +129,35 @@ class Tokenizer:
         if not user_text or not user_text.strip():
             raise RequestError("prompt is empty; give some text to answer.")
         return self.encode(chat_prompt(user_text))
+
+    def chat_template(self) -> tuple[str | None, str, str]:
+        """(jinja chat_template or None, bos_token, eos_token) from tokenizer_config.json (or chat_template.jinja)
+        next to tokenizer.json; read once."""
+        if self._chat_template is None:
+            cfg, d = {}, self.path.parent
+            if (d / "tokenizer_config.json").exists():
+                try:
+                    cfg = json.loads((d / "tokenizer_config.json").read_text())
+                except (OSError, ValueError) as e:
+                    raise CheckpointError(f"{d}/tokenizer_config.json is not readable JSON ({e}).") from None
+            t = cfg.get("chat_template")
+            if isinstance(t, list):  # [{name, template}]: transformers' named templates
+                t = next((x.get("template") for x in t if isinstance(x, dict) and x.get("name") == "default"), None)
+            if t is None and (d / "chat_template.jinja").exists():
+                t = (d / "chat_template.jinja").read_text()
+
+            def token(key, default):
+                v = cfg.get(key, default)
+                return v.get("content", default) if isinstance(v, dict) else v if isinstance(v, str) else default
+
+            self._chat_template = (t if isinstance(t, str) else None, token("bos_token", "<bos>"),
+                                   token("eos_token", "<eos>"))
+        return self._chat_template
+
+    def render_chat(self, messages) -> str:
+        """Chat messages -> prompt text with this checkpoint's chat template (see `render_chat`)."""
+        template, bos, eos = self.chat_template()
+        return render_chat(messages, template, bos, eos)
 
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
         ids = [int(i) for i in ids]

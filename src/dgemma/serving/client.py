@@ -7,16 +7,41 @@ model's tensors (names and dtypes from dgemma.core.contract)."""
 
 from __future__ import annotations
 
+import json
+import os
 import queue
+import socket
+from pathlib import Path
 
 import numpy as np
 
 from ..core.contract import DENOISER, ENCODER, MODEL, MODEL_INPUTS, WIRE_DTYPES
 from ..core.errors import DgemmaError
+from ..core.layout import current
 
 
 class ServerError(DgemmaError):
     """The server answered a request with an error (its message names the value and the limit)."""
+
+
+DEFAULT_URL = "127.0.0.1:8001"  # Triton's usual gRPC port, where `dgemma serve` listens unless it was busy
+
+
+def default_grpc_url(ready_file=None) -> str:
+    """The gRPC address to use without --url: 127.0.0.1:8001 when something listens there, else the address a
+    running `dgemma serve` wrote to its ready file (build/serve.json in the work directory), else 127.0.0.1:8001
+    (and the request's error then says to start a server)."""
+    try:
+        socket.create_connection(("127.0.0.1", 8001), timeout=0.5).close()
+        return DEFAULT_URL
+    except OSError:
+        pass
+    try:
+        ready = json.loads(Path(ready_file or current().serve_ready_file).read_text())
+        os.kill(int(ready["pid"]), 0)  # the server that wrote it still runs
+        return str(ready["grpc"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return DEFAULT_URL
 
 
 def encode_inputs(grpcclient, values: dict):

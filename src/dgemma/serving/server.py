@@ -1,8 +1,11 @@
 """Start and stop the real tritonserver (Triton 2.51 from the nvidia-pytriton wheel, or `tritonserver` on PATH)
-on 127.0.0.1 and free ports, with the environment toolchain.md §3.1/§3.2 needs: the venv's bin first on PATH (the
-python backend stub derives sys.prefix from it) and LD_LIBRARY_PATH = nvidia_pytriton.libs + Python's LIBDIR.
-Metrics are on (Prometheus text on http://127.0.0.1:<metrics_port>/metrics): Triton's per-model counters and
-the dgemma model's custom dgemma_* metrics."""
+with the environment toolchain.md §3.1/§3.2 needs: the venv's bin first on PATH (the python backend stub derives
+sys.prefix from it) and LD_LIBRARY_PATH = nvidia_pytriton.libs + Python's LIBDIR.
+Every listener binds 127.0.0.1 unless told otherwise: Triton's HTTP frontend crashes (SIGSEGV) on a deeply
+nested JSON body, so its HTTP port is not a public door (README, Security); `dgemma openai` is. `Server` takes
+free ports by default (tests); `dgemma serve` takes Triton's usual 8000/8001/8002 and falls back to free ports
+for any that is busy, saying which (`pick_ports`). Metrics are on (Prometheus text on
+http://127.0.0.1:<metrics_port>/metrics): Triton's per-model counters and the dgemma model's custom metrics."""
 
 from __future__ import annotations
 
@@ -19,6 +22,43 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..core.errors import ArtifactError, DgemmaError
+
+TRITON_PORTS = {"http": 8000, "grpc": 8001, "metrics": 8002}  # Triton's defaults, what its users expect
+LOOPBACK = "127.0.0.1"
+
+
+def port_free(port: int, address: str = LOOPBACK) -> bool:
+    """Nothing listens on address:port (SO_REUSEADDR: a port in TIME_WAIT counts as free, as for Triton)."""
+    with socket.socket(socket.AF_INET6 if ":" in address else socket.AF_INET) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((address, port))
+        except OSError:
+            return False
+    return True
+
+
+def pick_ports(wanted: dict[str, int], address: str = LOOPBACK) -> tuple[dict[str, int], list[str]]:
+    """{name: port} with 0 or a busy port replaced by a free one; -> (ports, a note per busy port)."""
+    free = iter(free_ports(len(wanted)))
+    out, notes = {}, []
+    for name, port in wanted.items():
+        if port and port_free(port, address):
+            out[name] = port
+            continue
+        out[name] = next(free)
+        if port:
+            notes.append(f"{name} port {port} is busy; using {out[name]}")
+    return out, notes
+
+
+def connect_host(address: str) -> str:
+    """Where a local client reaches a listener bound to `address` (wildcards: loopback)."""
+    if address in ("", "0.0.0.0"):
+        return LOOPBACK
+    if address == "::":
+        return "[::1]"
+    return f"[{address}]" if ":" in address else address
 
 
 def free_ports(n: int) -> list[int]:
@@ -61,20 +101,30 @@ class Server:
     http_port: int = 0
     grpc_port: int = 0
     metrics_port: int = 0
+    http_address: str = LOOPBACK  # anything else exposes a frontend that a nested JSON body crashes
+    grpc_address: str = LOOPBACK
+    metrics_address: str = LOOPBACK
     log_path: Path | None = None
     proc: subprocess.Popen | None = field(default=None, repr=False)
 
     @property
     def grpc_url(self) -> str:
-        return f"127.0.0.1:{self.grpc_port}"
+        return f"{connect_host(self.grpc_address)}:{self.grpc_port}"
 
     @property
     def http_url(self) -> str:
-        return f"127.0.0.1:{self.http_port}"
+        return f"{connect_host(self.http_address)}:{self.http_port}"
 
     @property
     def metrics_url(self) -> str:
-        return f"http://127.0.0.1:{self.metrics_port}/metrics"
+        return f"http://{connect_host(self.metrics_address)}:{self.metrics_port}/metrics"
+
+    def command(self, models: Path, backends: Path) -> list[str]:
+        return [str(server_binary()), f"--model-repository={models}", f"--backend-directory={backends}",
+                f"--http-address={self.http_address}", f"--grpc-address={self.grpc_address}",
+                f"--metrics-address={self.metrics_address}", f"--http-port={self.http_port}",
+                f"--grpc-port={self.grpc_port}", f"--metrics-port={self.metrics_port}", "--allow-metrics=true",
+                "--model-control-mode=explicit", "--load-model=*", "--exit-on-error=true"]
 
     def metrics(self) -> str:
         """The metrics endpoint's Prometheus text."""
@@ -90,10 +140,7 @@ class Server:
         if not all((self.http_port, self.grpc_port, self.metrics_port)):
             self.http_port, self.grpc_port, self.metrics_port = free_ports(3)
         self.log_path = self.log_path or self.root / "server.log"
-        cmd = [str(server_binary()), f"--model-repository={models}", f"--backend-directory={backends}",
-               "--http-address=127.0.0.1", "--grpc-address=127.0.0.1", f"--http-port={self.http_port}",
-               f"--grpc-port={self.grpc_port}", f"--metrics-port={self.metrics_port}", "--allow-metrics=true",
-               "--model-control-mode=explicit", "--load-model=*", "--exit-on-error=true"]
+        cmd = self.command(models, backends)
         log = open(self.log_path, "w")
         self.proc = subprocess.Popen(cmd, env=server_env(), stdout=log, stderr=subprocess.STDOUT,
                                      start_new_session=True)

@@ -29,6 +29,7 @@ class StepEvent:
     draft: Tensor  # [B,C] argmax canvas after this step
     mean_entropy: Tensor  # [B] mean per-position entropy of the processed logits
     done: Tensor  # [B] rows that met adaptive stopping
+    committed: Tensor | None = None  # [B,C] the committed canvas when this step ended the canvas, else None
 
 
 @dataclass
@@ -39,6 +40,10 @@ class GenerateResult:
     steps_per_canvas: list[int]
     tokens_per_forward: Tensor  # [B] fp32: non-pad new tokens / denoiser passes the row needed
     forward_passes: Tensor  # [B] int
+    finished: Tensor | None = None  # [B] rows that ended on an EOS (not by running out of canvases)
+    logprobs: Tensor | None = None  # [B, k*C] fp32: each new token's log-probability (with `logprobs=`)
+    top_ids: Tensor | None = None  # [B, k*C, K] int64: the K most likely tokens at each position
+    top_logprobs: Tensor | None = None  # [B, k*C, K] fp32: their log-probabilities
 
     @property
     def new_tokens(self) -> Tensor:
@@ -168,12 +173,190 @@ def check_request(prompt: Tensor, cfg: SamplerConfig, backend: Backend) -> int:
     return n_canvases
 
 
+class Rng:
+    """Where a generation's random draws come from, in the reference order (spec §9.7). One torch.Generator for
+    all rows draws exactly as transformers does for a batch; a list of one generator per row draws each row as if
+    it were alone (B=1), which is what lets a request's answer stay the same whoever shares its batch."""
+
+    def __init__(self, generators: torch.Generator | list[torch.Generator]):
+        self.shared = isinstance(generators, torch.Generator)
+        self.generators = generators
+
+    def randint(self, v: int, b: int, c: int, device) -> Tensor:
+        if self.shared:
+            return torch.randint(0, v, (b, c), device=device, generator=self.generators)
+        return torch.cat([torch.randint(0, v, (1, c), device=device, generator=g) for g in self.generators])
+
+    def multinomial(self, probs: Tensor) -> Tensor:
+        """probs [B,C,V] fp32 -> one draw per position [B,C]."""
+        b, c, v = probs.shape
+        if self.shared:
+            return torch.multinomial(probs.view(-1, v), num_samples=1, generator=self.generators).view(b, c)
+        return torch.cat([torch.multinomial(probs[i], num_samples=1, generator=g).view(1, c)
+                          for i, g in enumerate(self.generators)])
+
+
+def log_probs(proc: Tensor, tokens: Tensor, k: int) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """log_softmax(proc) fp32 at `tokens` [B,C], and (k > 0) the k most likely tokens [B,C,k] with theirs."""
+    lp = torch.log_softmax(proc.float(), dim=-1)
+    chosen = lp.gather(-1, tokens[..., None]).squeeze(-1)
+    if not k:
+        return chosen, None, None
+    top_lp, top_ids = lp.topk(k, dim=-1)
+    return chosen, top_ids, top_lp
+
+
+class Generation:
+    """One block-diffusion generation of B rows sharing a prompt length, advanced one backend call at a time:
+    `phase` is "encode" (the prompt, then each committed canvas: `encode_ids()` -> backend.encode -> `encoded()`),
+    "denoise" (`denoise_inputs()` -> backend.denoise -> `denoised(raw, next_soft)`) or "done" (`result()`).
+
+    `generate` drives one Generation over one backend state; the serving scheduler drives one per request, the
+    backend calls of many requests batched together. The arithmetic is written once, here.
+
+    logprobs: None (off), 0 (the committed tokens' log-probabilities) or K > 0 (also the top K alternatives), each
+    under the distribution of the step that fixed the token (the canvas's last step, or the step a row stopped at).
+    """
+
+    def __init__(self, prompt: Tensor, cfg: SamplerConfig, rng: Rng, canvas_length: int, vocab_size: int,
+                 template: Tensor | None = None, n_canvases: int | None = None, logprobs: int | None = None,
+                 stats=None):
+        self.cfg, self.rng = cfg, rng
+        self.device, self.batch = prompt.device, prompt.shape[0]
+        self.c, self.v = canvas_length, vocab_size
+        self.template = check_template(template, self.batch, self.c, self.v, self.device)
+        self.n_canvases = n_canvases or math.ceil(cfg.max_new_tokens / canvas_length)
+        self.prompt_len = prompt.shape[1]
+        self.seq = prompt.to(torch.int64)
+        self.eos = None if cfg.ignore_eos or not cfg.eos_token_ids else torch.tensor(cfg.eos_token_ids,
+                                                                                      device=self.device)
+        b = self.batch
+        self.finished = torch.zeros(b, dtype=torch.bool, device=self.device)
+        self.fwd = torch.zeros(b, dtype=torch.int, device=self.device)
+        self.stopping = _Stopping(cfg) if cfg.adaptive_stopping else None
+        self.stats = stats or step_stats
+        self.logprobs = logprobs
+        self.lp_chunks: list[tuple] = []  # per committed canvas: (chosen, top ids, top logprobs)
+        self.steps_per_canvas: list[int] = []
+        self.ci = 0
+        self.phase = "encode"
+        self._enc_ids = self.seq
+
+    # -- encode phase ----------------------------------------------------------------------------------------------
+    def encode_ids(self) -> Tensor:
+        """[B,S]: the prompt, then the last committed canvas."""
+        return self._enc_ids
+
+    def encoded(self) -> None:
+        """The ids are in the KV state: start canvas `ci` from uniform noise (RNG-1)."""
+        b, c = self.batch, self.c
+        canvas = self.rng.randint(self.v, b, c, self.device)  # RNG-1
+        self.fixed = self.holes = self.tmpl = None
+        if self.template is not None and self.template.shape[1] > self.ci * c:
+            self.tmpl = self.template[:, self.ci * c : (self.ci + 1) * c]
+            self.fixed = self.tmpl >= 0
+            self.holes = (~self.fixed).float()
+            canvas = torch.where(self.fixed, self.tmpl, canvas)
+        self.canvas, self.argmax, self.soft = canvas, canvas, None
+        self.done = torch.zeros(b, dtype=torch.bool, device=self.device)
+        if self.stopping is not None:
+            self.stopping.hist = None
+        self.steps, self.remaining = 0, self.cfg.max_denoising_steps
+        self.lp = self.top_ids = self.top_lp = None
+        self.phase = "denoise"
+
+    # -- denoise phase ---------------------------------------------------------------------------------------------
+    def temperature(self) -> Tensor:
+        return temperature(self.cfg, self.remaining, self.device)
+
+    def denoise_inputs(self) -> tuple[Tensor, Tensor | None, Tensor]:
+        """(canvas [B,C], previous soft embeddings [B,C,H] or None on a canvas's first step, 0-d fp32 T)."""
+        return self.canvas, self.soft, self.temperature()
+
+    def denoised(self, raw: Tensor, next_soft: Tensor) -> StepEvent:
+        """One sampler step on the backend's raw logits [B,C,V] (RNG-2, RNG-3); commits the canvas when every row
+        is done or the step budget is spent (the event's `committed`)."""
+        cfg, b, c = self.cfg, self.batch, self.c
+        done, fixed, tmpl, canvas = self.done, self.fixed, self.tmpl, self.canvas
+        self.fwd += ~(done | self.finished)
+        t = self.temperature()
+        proc, probs, am, h = self.stats(raw, t)
+        samp = self.rng.multinomial(probs)  # RNG-2
+        if fixed is not None:  # fixed positions cost nothing in the entropy budget
+            h = torch.where(fixed, torch.zeros_like(h), h)
+        acc = accept_mask(h, cfg.entropy_bound)
+        nxt = torch.where(acc, samp, canvas)
+        noise = self.rng.randint(self.v, b, c, self.device)  # RNG-3
+        nxt = torch.where(~acc, noise, nxt)
+        if fixed is not None:
+            nxt, am = torch.where(fixed, tmpl, nxt), torch.where(fixed, tmpl, am)
+        self.steps += 1
+        was_done = done
+        if self.stopping is not None:
+            if done.any():  # stopped rows are frozen (spec §9.5)
+                am = torch.where(done[:, None], self.argmax, am)
+                nxt = torch.where(done[:, None], canvas, nxt)
+                next_soft = torch.where(done[:, None, None], self.soft, next_soft)
+            stop, mean_h = self.stopping(am, proc, self.holes)
+            done = done | stop
+        else:
+            mean_h = mean_entropy(proc, self.holes)
+        if self.logprobs is not None:  # rows whose tokens are fixed by this step: the last step, or the stop step
+            final = ~was_done & (done | (self.remaining == 1))
+            if final.any():
+                lp, ti, tl = log_probs(proc, am, self.logprobs)
+                self.lp = lp if self.lp is None else torch.where(final[:, None], lp, self.lp)
+                if ti is not None:
+                    keep = final[:, None, None]
+                    self.top_ids = ti if self.top_ids is None else torch.where(keep, ti, self.top_ids)
+                    self.top_lp = tl if self.top_lp is None else torch.where(keep, tl, self.top_lp)
+        self.canvas, self.argmax, self.soft, self.done = nxt, am, next_soft, done
+        ev = StepEvent(self.ci, self.steps, self.remaining, am, mean_h, done)
+        self.remaining -= 1
+        if self.remaining == 0 or bool(torch.all(done)):
+            ev.committed = self._commit()
+        return ev
+
+    def _commit(self) -> Tensor:
+        c = self.c
+        self.steps_per_canvas.append(self.steps)
+        self.seq = torch.cat([self.seq, self.argmax], dim=-1)  # commit the argmax canvas, not the sampled one
+        self.seq, self.finished = finalize_canvas(self.seq, self.finished, c, self.eos, self.cfg.pad_token_id)
+        if self.fixed is not None:  # the caller's fixed tokens survive EOS padding too
+            self.seq[:, -c:] = torch.where(self.fixed, self.tmpl, self.seq[:, -c:])
+        if self.logprobs is not None:
+            self.lp_chunks.append((self.lp, self.top_ids, self.top_lp))
+        self.ci += 1
+        if bool(torch.all(self.finished)) or self.ci == self.n_canvases:
+            self.phase = "done"
+        else:
+            self._enc_ids = self.seq[:, -c:].clone()
+            self.phase = "encode"
+        return self.seq[:, -c:]
+
+    def stop(self) -> None:
+        """End after the canvas just committed (a stop sequence was found): no further canvas."""
+        self.phase = "done"
+
+    def result(self) -> GenerateResult:
+        new = self.seq[:, self.prompt_len :]
+        valid = (new != self.cfg.pad_token_id).sum(dim=-1)
+        res = GenerateResult(self.seq, self.prompt_len, len(self.steps_per_canvas), self.steps_per_canvas,
+                             valid / self.fwd, self.fwd, self.finished)
+        if self.logprobs is not None and self.lp_chunks:
+            res.logprobs = torch.cat([x[0] for x in self.lp_chunks], dim=-1)
+            if self.logprobs:
+                res.top_ids = torch.cat([x[1] for x in self.lp_chunks], dim=1)
+                res.top_logprobs = torch.cat([x[2] for x in self.lp_chunks], dim=1)
+        return res
+
+
 @torch.no_grad()
 def generate(backend: Backend, prompt: Tensor, cfg: SamplerConfig, generator: torch.Generator,
              on_step: Callable[[StepEvent], None] | None = None,
              should_stop: Callable[[], bool] | None = None,
              on_canvas: Callable[[int, Tensor], None] | None = None,
-             template: Tensor | None = None) -> GenerateResult:
+             template: Tensor | None = None, logprobs: int | None = None) -> GenerateResult:
     """Block-diffusion generation, token for token equal to transformers' generate with the same RNG state.
 
     prompt [B,L] int64 on backend.device. on_step(StepEvent) after every denoising step; on_canvas(i,
@@ -182,79 +365,24 @@ def generate(backend: Backend, prompt: Tensor, cfg: SamplerConfig, generator: to
     template [B, k*C] (infill / inline edit): ids >= 0 are fixed, -1 are holes; canvas i uses columns
     [i*C, (i+1)*C) (canvases past the template are free). Fixed tokens are in the canvas at every step and
     in the committed output (also after an EOS, which pads only holes); acceptance and the confidence stop
-    look at the holes only. RNG draws are
-    unchanged, so a template of all holes gives exactly the plain result.
+    look at the holes only. RNG draws are unchanged, so a template of all holes gives exactly the plain result.
+    logprobs: see Generation.
     """
     n_canvases = check_request(prompt, cfg, backend)
-    device, b = prompt.device, prompt.shape[0]
-    c, v = backend.canvas_length, backend.vocab_size
-    template = check_template(template, b, c, v, device)
-    prompt_len = prompt.shape[1]
-    seq = prompt.to(torch.int64)
-    eos = None if cfg.ignore_eos or not cfg.eos_token_ids else torch.tensor(cfg.eos_token_ids, device=device)
-    finished = torch.zeros(b, dtype=torch.bool, device=device)
-    fwd = torch.zeros(b, dtype=torch.int, device=device)
-    stopping = _Stopping(cfg) if cfg.adaptive_stopping else None
-    state = backend.new_state(b)
-    stats = _stats_fn(torch.device(device))
-    enc_ids = seq
-    steps_per_canvas: list[int] = []
-    for ci in range(n_canvases):
-        backend.encode(state, enc_ids)
-        canvas = torch.randint(0, v, (b, c), device=device, generator=generator)  # RNG-1
-        fixed = holes = tmpl = None
-        if template is not None and template.shape[1] > ci * c:
-            tmpl = template[:, ci * c : (ci + 1) * c]
-            fixed = tmpl >= 0
-            holes = (~fixed).float()
-            canvas = torch.where(fixed, tmpl, canvas)
-        argmax = canvas
-        soft: Tensor | None = None
-        done = torch.zeros(b, dtype=torch.bool, device=device)
-        if stopping is not None:
-            stopping.hist = None
-        steps = 0
-        for remaining in range(cfg.max_denoising_steps, 0, -1):
-            if should_stop is not None and should_stop():
-                raise Cancelled(f"generation cancelled at canvas {ci + 1}, step {steps + 1}")
-            fwd += ~(done | finished)
-            t = temperature(cfg, remaining, device)
-            raw, next_soft = backend.denoise(state, canvas, soft, t)
-            proc, probs, am, h = stats(raw, t)
-            samp = torch.multinomial(probs.view(-1, v), num_samples=1, generator=generator).view(b, c)  # RNG-2
-            if fixed is not None:  # fixed positions cost nothing in the entropy budget
-                h = torch.where(fixed, torch.zeros_like(h), h)
-            acc = accept_mask(h, cfg.entropy_bound)
-            nxt = torch.where(acc, samp, canvas)
-            noise = torch.randint(0, v, (b, c), device=device, generator=generator)  # RNG-3
-            nxt = torch.where(~acc, noise, nxt)
-            if fixed is not None:
-                nxt, am = torch.where(fixed, tmpl, nxt), torch.where(fixed, tmpl, am)
-            steps += 1
-            if stopping is not None:
-                if done.any():  # stopped rows are frozen (spec §9.5)
-                    am = torch.where(done[:, None], argmax, am)
-                    nxt = torch.where(done[:, None], canvas, nxt)
-                    next_soft = torch.where(done[:, None, None], soft, next_soft)
-                stop, mean_h = stopping(am, proc, holes)
-                done = done | stop
-            else:
-                mean_h = mean_entropy(proc, holes)
-            canvas, argmax, soft = nxt, am, next_soft
-            if on_step is not None:
-                on_step(StepEvent(ci, steps, remaining, argmax, mean_h, done))
-            if torch.all(done):
-                break
-        steps_per_canvas.append(steps)
-        seq = torch.cat([seq, argmax], dim=-1)  # commit the argmax canvas, not the sampled one
-        seq, finished = finalize_canvas(seq, finished, c, eos, cfg.pad_token_id)
-        if fixed is not None:  # the caller's fixed tokens survive EOS padding too
-            seq[:, -c:] = torch.where(fixed, tmpl, seq[:, -c:])
-        if on_canvas is not None:
-            on_canvas(ci, seq[:, -c:])
-        if torch.all(finished):
-            break
-        enc_ids = seq[:, -c:].clone()
-    new = seq[:, prompt_len:]
-    valid = (new != cfg.pad_token_id).sum(dim=-1)
-    return GenerateResult(seq, prompt_len, len(steps_per_canvas), steps_per_canvas, valid / fwd, fwd)
+    gen = Generation(prompt, cfg, Rng(generator), backend.canvas_length, backend.vocab_size, template, n_canvases,
+                     logprobs, _stats_fn(torch.device(prompt.device)))
+    state = backend.new_state(gen.batch)
+    while gen.phase != "done":
+        if gen.phase == "encode":
+            backend.encode(state, gen.encode_ids())
+            gen.encoded()
+            continue
+        if should_stop is not None and should_stop():
+            raise Cancelled(f"generation cancelled at canvas {gen.ci + 1}, step {gen.steps + 1}")
+        raw, next_soft = backend.denoise(state, *gen.denoise_inputs())
+        ev = gen.denoised(raw, next_soft)
+        if on_step is not None:
+            on_step(ev)
+        if ev.committed is not None and on_canvas is not None:
+            on_canvas(ev.canvas, ev.committed)
+    return gen.result()

@@ -89,7 +89,7 @@ bench: $(STAMP)
 		$(if $(CKPT),--checkpoint $(CKPT)) $(if $(URL),--url $(URL)) $(BENCH_ARGS)
 
 # perf_analyzer 2.60 (manylinux_2_38 wheel; through Debian trixie's loader on an older glibc) and genai-perf
-# (own venv) -> build/tools/bin/; tests/serving/test_perf_tools.py runs them when present.
+# (own venv) -> build/tools/bin/; tests/stages/serving/test_perf_tools.py runs them when present.
 perf-tools: $(STAMP)
 	bash bench/perf/install-tools.sh $(PYTHON)
 

@@ -69,13 +69,14 @@ def _concurrency_table(r: dict) -> list[str]:
             for c in r["concurrency"]]
     rows = ["", f"Through Triton gRPC ({r['backend']}, closed loop, each level sends level x "
                 f"{r['scenario'].get('rounds', '?')} requests):", "",
-            "| concurrency | requests | requests/s | tok/s | latency p50 / p99 ms | TTFC p50 / p99 ms | answers |",
-            "|---|---|---|---|---|---|---|"]
+            "| concurrency | requests | requests/s | tok/s | latency p50 / p99 ms | TTFC p50 / p99 ms | rows per step "
+            "| answers |",
+            "|---|---|---|---|---|---|---|---|"]
     for c in r["concurrency"]:
         ok = "all correct" if c["all_correct"] else f"**{len(c['problems'])}+ wrong**"
         rows.append(f"| {c['concurrency']} | {c['requests']} | {_fmt(c['requests_s'], 2)} | {_fmt(c['tok_s'])} | "
                     f"{_fmt(c['latency_ms_p50'])} / {_fmt(c['latency_ms_p99'])} | {_fmt(c['ttfc_ms_p50'])} / "
-                    f"{_fmt(c['ttfc_ms_p99'])} | {ok} |")
+                    f"{_fmt(c['ttfc_ms_p99'])} | {_fmt(c.get('mean_rows_per_step'), 2)} | {ok} |")
     return rows
 
 

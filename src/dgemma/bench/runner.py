@@ -187,6 +187,7 @@ def summary(name: str, m: dict, roof: dict, res: dict) -> str:
             line += (f"\n  concurrency {c['concurrency']:>3}: {c['requests_s']:8.2f} req/s {c['tok_s']:10.1f} tok/s | "
                      f"latency p50 {c['latency_ms_p50']:8.1f} p99 {c['latency_ms_p99']:8.1f} ms | "
                      + (f"step {f(c.get('step_ms_in_loop'), 2)} ms in loop | " if c.get("step_ms_in_loop") else "")
+                     + (f"mean rows per step {c['mean_rows_per_step']:.2f} | " if c.get("mean_rows_per_step") else "")
                      + (f"mean denoiser batch {c['mean_denoiser_batch']:.2f} | " if c.get("mean_denoiser_batch") else "")
                      + f"{'all correct' if c['all_correct'] else 'WRONG: ' + '; '.join(c['problems'])}")
     o = res.get("triton_overhead", {})

@@ -263,14 +263,19 @@ def server_view(url: str, metrics_url: str | None) -> dict:
 
 
 def server_delta(a: dict, b: dict) -> dict:
-    """Per level: denoising steps and mean step time as the loop sees them (dgemma_graph_seconds, BLS round trip
-    included) and each graph model's executions by batch size (Triton's statistics)."""
+    """Per level: batched denoising steps, the mean rows (requests) per step and mean step time as the scheduler
+    sees them (dgemma_rows_per_step, dgemma_graph_seconds: BLS round trip included), and each graph model's
+    executions by batch size (Triton's statistics)."""
     out: dict = {}
     if "metrics" in a and "metrics" in b:
-        d = {k: metric(b["metrics"], f"dgemma_graph_seconds_{k}", graph="denoiser") -
-             metric(a["metrics"], f"dgemma_graph_seconds_{k}", graph="denoiser") for k in ("count", "sum")}
+        def delta(name, **labels):
+            return metric(b["metrics"], name, **labels) - metric(a["metrics"], name, **labels)
+
+        d = {k: delta(f"dgemma_graph_seconds_{k}", graph="denoiser") for k in ("count", "sum")}
         out["denoise_steps_in_loop"] = int(d["count"])
         out["step_ms_in_loop"] = 1e3 * d["sum"] / d["count"] if d["count"] else None
+        rows, steps = delta("dgemma_rows_per_step_sum"), delta("dgemma_rows_per_step_count")
+        out["mean_rows_per_step"] = rows / steps if steps else None
     for model, now in b["batches"].items():
         was = a["batches"].get(model, {})
         delta = {k: now.get(k, 0) - was.get(k, 0) for k in sorted(set(now) | set(was)) if now.get(k, 0) != was.get(k, 0)}

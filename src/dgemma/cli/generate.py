@@ -67,10 +67,13 @@ def cmd_generate(args) -> int:
         text = tok.decode(committed[0].tolist()) if tok else committed[0].tolist()
         print(f"[canvas {i + 1}] {text}", flush=True)
 
+    top = None
+    if args.logprobs is not None:
+        top = int_arg("--logprobs", args.logprobs, 0, 5, " K = how many alternatives per token (0: none).")
     t0 = time.perf_counter()
     res = generate(backend, prompt, sampler, torch.Generator(device=backend.device).manual_seed(seed),
                    on_step=on_step if args.stream else None, on_canvas=on_canvas if args.stream else None,
-                   template=None if template is None else template.to(backend.device))
+                   template=None if template is None else template.to(backend.device), logprobs=top)
     dt = time.perf_counter() - t0
     new = res.new_tokens[0].tolist()
     text = tok.decode(new) if tok else ""
@@ -79,6 +82,8 @@ def cmd_generate(args) -> int:
         "tokens_per_forward": round(float(res.tokens_per_forward[0]), 4), "prompt_ids": ids, "seed": seed,
         "seconds": round(dt, 4), "denoiser_steps": int(sum(res.steps_per_canvas)),
     }
+    if top is not None:
+        out["logprobs"] = logprob_rows(res, tok, top, () if sampler.ignore_eos else sampler.eos_token_ids)
     if args.json:
         print(json.dumps(out))
     elif not args.stream:
@@ -88,7 +93,31 @@ def cmd_generate(args) -> int:
     else:
         print(f"-- steps per canvas {res.steps_per_canvas}, tokens per forward {out['tokens_per_forward']}, "
               f"{dt:.2f} s", file=sys.stderr)
+    if top is not None and not args.json:
+        print_logprobs(out["logprobs"])
     return 0
+
+
+def logprob_rows(res, tok, top: int, eos: tuple[int, ...]) -> list[dict]:
+    """Per new token up to the first EOS (the pads after it left out): its id, text and log-probability under the
+    denoising step that fixed it, and the `top` most likely alternatives there."""
+    rows = []
+    for j, t in enumerate(res.new_tokens[0].tolist()):
+        if rows and rows[-1]["token_id"] in eos:
+            break
+        row = {"token_id": t, "token": tok.decode([t]) if tok else None, "logprob": float(res.logprobs[0, j])}
+        if top:
+            row["top"] = [{"token_id": int(i), "token": tok.decode([int(i)]) if tok else None, "logprob": float(v)}
+                          for i, v in zip(res.top_ids[0, j].tolist(), res.top_logprobs[0, j].tolist())]
+        rows.append(row)
+    return rows
+
+
+def print_logprobs(rows: list[dict]) -> None:
+    print("-- logprobs (token, log-probability, alternatives):")
+    for r in rows:
+        alts = "  ".join(f"{a['token']!r} {a['logprob']:.4f}" for a in r.get("top", []))
+        print(f"  {r['token']!r:>12} {r['logprob']:10.4f}   {alts}")
 
 
 def add_parser(sub) -> None:
@@ -106,6 +135,9 @@ def add_parser(sub) -> None:
     g.add_argument("--device", default="cpu")
     g.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], help="default: the checkpoint's dtype")
     g.add_argument("--max-context", help="KV buffer capacity in tokens (prompt + output)")
+    g.add_argument("--logprobs", nargs="?", const="0", default=None, metavar="K",
+                   help="print each new token's log-probability under the step that fixed it, and the K (0..5) most "
+                        "likely alternatives")
     g.add_argument("--infill", help="canvas template: '_' = one hole token, other text stays fixed at every step")
     g.add_argument("--backend", default="torch",
                    help="torch | fast | ort (reads build/onnx/<precision>, fp32 for bf16) | trt (reads "

@@ -190,31 +190,50 @@ def wire_shape(t: TensorSpec, shape) -> tuple[int, ...]:
 
 
 # -- the served `dgemma` model --------------------------------------------------------------------------------------
+# max_batch_size 1 (no dynamic batching: the model batches requests itself, in flight): every tensor carries a
+# leading batch dim of 1 on the wire ([1, 1] for a scalar), the shapes Triton's own OpenAI frontend sends.
 MODEL = "dgemma"
-# inputs: name -> (Triton dtype, optional); the config template, request parsing and the client use these
+# inputs: name -> (Triton dtype, optional, dims without the batch dim)
 MODEL_INPUTS = {
-    "text_input": ("TYPE_STRING", False),
-    "max_tokens": ("TYPE_INT32", True),
-    "seed": ("TYPE_INT64", True),
-    "stream": ("TYPE_BOOL", True),
-    "max_denoising_steps": ("TYPE_INT32", True),
-    "entropy_bound": ("TYPE_FP32", True),
-    "ignore_eos": ("TYPE_BOOL", True),
-    "infill": ("TYPE_STRING", True),
-    "temperature_min": ("TYPE_FP32", True),  # the denoising temperature range, T(n) from max down to min
-    "temperature_max": ("TYPE_FP32", True),
-    "adaptive_stopping": ("TYPE_BOOL", True),  # false: always max_denoising_steps (the vLLM anchor setting)
-    "stream_drafts": ("TYPE_BOOL", True),  # with stream: also a draft (the argmax canvas) after every step
-    "exclude_input_in_output": ("TYPE_BOOL", True),  # sent by genai-perf; the prompt is never echoed anyway
+    "text_input": ("TYPE_STRING", False, 1),  # user text (the model applies the chat template), or a prompt
+                                              # already rendered, starting with "<bos>"
+    "max_tokens": ("TYPE_INT32", True, 1),
+    "seed": ("TYPE_UINT64", True, 1),  # uint64, as Triton's OpenAI frontend types it
+    "stream": ("TYPE_BOOL", True, 1),
+    "max_denoising_steps": ("TYPE_INT32", True, 1),
+    "entropy_bound": ("TYPE_FP32", True, 1),
+    "ignore_eos": ("TYPE_BOOL", True, 1),
+    "infill": ("TYPE_STRING", True, 1),
+    "temperature_min": ("TYPE_FP32", True, 1),  # the denoising temperature range, T(n) from max down to min
+    "temperature_max": ("TYPE_FP32", True, 1),
+    "temperature": ("TYPE_FP32", True, 1),  # OpenAI-style: the top of the range (see request.temperature_range)
+    "adaptive_stopping": ("TYPE_BOOL", True, 1),  # false: always max_denoising_steps (the vLLM anchor setting)
+    "stream_drafts": ("TYPE_BOOL", True, 1),  # with stream: also a draft (the argmax canvas) after every step
+    "stop_words": ("TYPE_STRING", True, -1),  # stop sequences: the text is cut at the first, generation ends there
+    "return_logprobs": ("TYPE_BOOL", True, 1),  # the committed tokens' log-probabilities
+    "top_logprobs": ("TYPE_INT32", True, 1),  # and the 0..5 most likely alternatives at each position
+    "return_num_input_tokens": ("TYPE_BOOL", True, 1),
+    "return_num_output_tokens": ("TYPE_BOOL", True, 1),
+    "exclude_input_in_output": ("TYPE_BOOL", True, 1),  # genai-perf / the OpenAI frontend send it; never echoed
+    "top_p": ("TYPE_FP32", True, 1),  # sent by Triton's OpenAI frontend when set: only the neutral values pass
+    "frequency_penalty": ("TYPE_FP32", True, 1),
+    "presence_penalty": ("TYPE_FP32", True, 1),
 }
-# outputs: name -> (Triton dtype, dims)
+# outputs: name -> (Triton dtype, dims without the batch dim)
 MODEL_OUTPUTS = {
-    "text_output": ("TYPE_STRING", 1),
-    "canvas_index": ("TYPE_INT32", 1),
-    "canvases": ("TYPE_INT32", 1),
-    "steps_per_canvas": ("TYPE_INT32", -1),
-    "tokens_per_forward": ("TYPE_FP32", 1),
-    "is_draft": ("TYPE_BOOL", 1),  # true: a denoising step's draft of canvas canvas_index, not committed text
+    "text_output": ("TYPE_STRING", [1]),
+    "canvas_index": ("TYPE_INT32", [1]),
+    "canvases": ("TYPE_INT32", [1]),
+    "steps_per_canvas": ("TYPE_INT32", [-1]),
+    "tokens_per_forward": ("TYPE_FP32", [1]),
+    "is_draft": ("TYPE_BOOL", [1]),  # true: a denoising step's draft of canvas canvas_index, not committed text
+    "finish_reason": ("TYPE_STRING", [1]),  # in the last response: "stop" (EOS or a stop sequence) | "length"
+    "output_token_ids": ("TYPE_INT64", [-1]),  # with return_logprobs: the tokens of this response's text
+    "output_logprobs": ("TYPE_FP32", [-1]),  # their log-probabilities under the step that fixed them
+    "top_logprob_ids": ("TYPE_INT64", [-1, -1]),  # [tokens, top_logprobs]
+    "top_logprobs": ("TYPE_FP32", [-1, -1]),
+    "num_input_tokens": ("TYPE_UINT32", [1]),  # with return_num_input_tokens: prompt tokens (every response)
+    "num_output_tokens": ("TYPE_UINT32", [1]),  # with return_num_output_tokens: tokens in this response
 }
 # Triton config type -> (wire datatype, numpy dtype name) for clients
 WIRE_DTYPES = {"TYPE_STRING": ("BYTES", "object"), "TYPE_INT32": ("INT32", "int32"), "TYPE_INT64": ("INT64", "int64"),

@@ -25,5 +25,9 @@ class RequestError(DgemmaError):
     """A generation request is invalid (prompt too long, bad max_new_tokens, ...)."""
 
 
+class Busy(RequestError):
+    """The server is full: every batch row is taken and the queue is full (Triton UNAVAILABLE, HTTP 503)."""
+
+
 class Cancelled(DgemmaError):
     """Generation was cancelled by the caller's should_stop() hook."""

@@ -72,7 +72,7 @@ def step_stats(raw: Tensor, t: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
 _COMPILED_STATS = {}
 
 
-def _stats_fn(device: torch.device):
+def stats_for(device: torch.device):
     """CUDA: one compiled pass over the [B,C,V] logits instead of ~10 (not bit-exact with the eager order,
     which CUDA kernels are not anyway). CPU: the eager reference ops."""
     if device.type != "cuda":
@@ -370,7 +370,7 @@ def generate(backend: Backend, prompt: Tensor, cfg: SamplerConfig, generator: to
     """
     n_canvases = check_request(prompt, cfg, backend)
     gen = Generation(prompt, cfg, Rng(generator), backend.canvas_length, backend.vocab_size, template, n_canvases,
-                     logprobs, _stats_fn(torch.device(prompt.device)))
+                     logprobs, stats_for(torch.device(prompt.device)))
     state = backend.new_state(gen.batch)
     while gen.phase != "done":
         if gen.phase == "encode":

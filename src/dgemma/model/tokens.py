@@ -119,6 +119,12 @@ class Tokenizer:
     def vocab_size(self) -> int:
         return self.tok.get_vocab_size(with_added_tokens=True)
 
+    @functools.cached_property
+    def max_token_bytes(self) -> int:
+        """An upper bound on the UTF-8 bytes of text one token can stand for (the longest vocabulary entry as
+        written, special tokens included): a text of N bytes has at least N / max_token_bytes tokens."""
+        return max(len(t.encode("utf-8")) for t in self.tok.get_vocab(with_added_tokens=True))
+
     def encode(self, text: str) -> list[int]:
         """Encode text in which special tokens (<bos>, <|turn>, ...) are written literally."""
         if not isinstance(text, str):

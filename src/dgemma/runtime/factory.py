@@ -2,7 +2,8 @@
 sampler configs, tokenizer). The CLI, the benchmarks, the Triton model and the tests all build backends here, so
 the rules live once:
 
-  torch  the native model eagerly (CPU reference; on CUDA only the checkpoint's own dtype)
+  torch  the native model eagerly (CPU reference; on CUDA only the checkpoint's own dtype); `batched=True` runs
+         its static passes with per-row lengths instead (TorchGraphBackend), what the serving scheduler needs
   fast   the native model with static shapes and CUDA graphs; fp8 converts the weights (dgemma.runtime.fast)
   ort    the exported graphs in ONNX Runtime: build/onnx/<p>/ with p = fp32 for bf16 (ONNX Runtime's CPU provider
          has no bf16 kernels), fp8 as is; nvfp4 graphs run only in TensorRT
@@ -28,7 +29,7 @@ from ..model.tokens import Tokenizer
 from .bls_backend import BlsBackend
 from .fast import FastBackend, quantize_fp8_
 from .ort_backend import OrtBackend
-from .torch_backend import TorchBackend
+from .torch_backend import TorchBackend, TorchGraphBackend
 from .trt_backend import TrtBackend
 
 KINDS = ("torch", "fast", "ort", "trt", "bls")
@@ -66,9 +67,11 @@ def ort_precision(precision: str) -> str:
 def create(kind: str, precision: str = "bf16", gpu: str | None = None, checkpoint: str | Path | None = None, *,
            device: str | None = None, max_context: int | None = None, threads: int | None = None,
            layout: Layout | None = None, onnx_dir: str | Path | None = None, model=None, dtype: str | None = None,
-           pb_utils=None) -> Engine:
+           pb_utils=None, batched: bool = False) -> Engine:
     """Build one backend. checkpoint: a directory, None (the embedded tiny model) or `synthetic`; model: an already
-    loaded DiffusionGemma for torch/fast (skips loading). max_context: KV capacity (None: the backend's default)."""
+    loaded DiffusionGemma for torch/fast (skips loading). max_context: KV capacity (None: the backend's default).
+    batched: a backend whose calls take a subset of its rows at different lengths (GraphBackend: ort, trt, bls
+    always are; torch and fast then run the static passes), for in-flight batching."""
     if kind not in KINDS:
         raise ConfigError(f"unknown backend {kind!r}; valid: {', '.join(KINDS)}.")
     layout = layout or Layout.of()
@@ -87,14 +90,16 @@ def create(kind: str, precision: str = "bf16", gpu: str | None = None, checkpoin
             if precision not in ("bf16", "fp32") and model.device.type == "cuda":
                 raise ConfigError(f"backend 'torch' runs the checkpoint's own dtype; precision {precision!r} needs "
                                   "--backend fast (FP8 weights) or an engine backend.")
-            backend = TorchBackend(model, max_context=max_context)
+            backend = (TorchGraphBackend if batched else TorchBackend)(model, max_context=max_context)
         else:
             if precision == "fp8":
                 quantize_fp8_(model)
             elif precision == "nvfp4":
                 raise ConfigError("backend 'fast' serves nvfp4 checkpoints through its W4A16 experts only on a CUDA "
                                   "GPU with the kernels package; use fp8 or bf16 here.")
-            backend = FastBackend(model, max_context=max_context)
+            # FastBackend's CUDA graphs assume one length per batch: batched serving runs the FP8 model's static
+            # passes instead
+            backend = (TorchGraphBackend if batched else FastBackend)(model, max_context=max_context)
         return Engine(backend, cfg, sampler, tok, ck_dir, kind, {"device": str(model.device)})
 
     cfg, sampler = load_config_of(checkpoint)

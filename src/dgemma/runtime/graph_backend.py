@@ -55,34 +55,59 @@ class GraphBackend:
     def length(self, state: GraphState) -> int:
         return state.lengths[0]
 
-    def _check_room(self, state: GraphState, ids: Tensor) -> None:
-        if ids.shape[0] != state.batch:
-            raise RequestError(f"batch of {ids.shape[0]} rows, but the state was created for {state.batch}.")
-        if max(state.lengths) + ids.shape[1] > self.max_context:
-            raise RequestError(f"context of {max(state.lengths) + ids.shape[1]} tokens exceeds max_context="
-                               f"{self.max_context} ({self.limit_source}; {max(state.lengths)} cached + "
+    # Rows: a state holds `batch` rows; encode/denoise take `rows` (indices into the state, default all) so the
+    # serving scheduler can run any subset of its requests in one graph call. A contiguous run of rows is passed
+    # to the graph as views of the buffers; any other subset is gathered (and the encoder's new K/V scattered
+    # back). Each row keeps its own length, so rows at different positions share a call (contract v2).
+    def reset_rows(self, state: GraphState, rows: list[int]) -> None:
+        """Rows become empty (length 0); their buffer contents are masked out from then on."""
+        for r in rows:
+            state.lengths[r] = 0
+
+    def _rows(self, state: GraphState, rows: list[int] | None) -> tuple[list[int], list[Tensor]]:
+        if rows is None:
+            return list(state.lengths), state.kv
+        rows = list(rows)
+        lengths = [state.lengths[r] for r in rows]
+        if rows == list(range(rows[0], rows[0] + len(rows))):
+            return lengths, [a[rows[0]:rows[0] + len(rows)] for a in state.kv]
+        idx = torch.tensor(rows, dtype=torch.int64, device=self.device)
+        return lengths, [a.index_select(0, idx) for a in state.kv]
+
+    def _check_room(self, state: GraphState, lengths: list[int], n_rows: int, ids: Tensor) -> None:
+        if ids.shape[0] != n_rows:
+            raise RequestError(f"batch of {ids.shape[0]} rows, but {n_rows} state rows were given.")
+        if max(lengths) + ids.shape[1] > self.max_context:
+            raise RequestError(f"context of {max(lengths) + ids.shape[1]} tokens exceeds max_context="
+                               f"{self.max_context} ({self.limit_source}; {max(lengths)} cached + "
                                f"{ids.shape[1]} new). Shorten the prompt, lower max_new_tokens, or raise max_context.")
 
-    def _common(self, state: GraphState, n: int) -> dict[str, Tensor]:
-        lengths = torch.tensor(state.lengths, dtype=torch.int64, device=self.device)
+    def _common(self, lengths: list[int], kv: list[Tensor], n: int) -> dict[str, Tensor]:
+        lengths = torch.tensor(lengths, dtype=torch.int64, device=self.device)
         pos = lengths[:, None] + torch.arange(n, device=self.device)[None, :]
         names = [t.name for t in contract.past(self.cfg, self.precision)]
-        return {"position_ids": pos, contract.PAST_LENGTH: lengths, **dict(zip(names, state.kv))}
+        return {"position_ids": pos, contract.PAST_LENGTH: lengths, **dict(zip(names, kv))}
 
     @torch.no_grad()
-    def encode(self, state: GraphState, ids: Tensor) -> None:
-        self._check_room(state, ids)
-        new = self._run(contract.ENCODER, {"input_ids": ids, **self._common(state, ids.shape[1])})
-        state.lengths = kvbuf.append(self.cfg, state.kv, new, state.lengths)
+    def encode(self, state: GraphState, ids: Tensor, rows: list[int] | None = None) -> None:
+        lengths, kv = self._rows(state, rows)
+        self._check_room(state, lengths, len(lengths), ids)
+        new = self._run(contract.ENCODER, {"input_ids": ids, **self._common(lengths, kv, ids.shape[1])})
+        targets = list(range(state.batch)) if rows is None else list(rows)
+        for r, n in zip(targets, kvbuf.append(self.cfg, state.kv, new, lengths, targets)):
+            state.lengths[r] = n
 
     @torch.no_grad()
-    def denoise(self, state: GraphState, canvas: Tensor, soft: Tensor | None, temperature: Tensor):
-        self._check_room(state, canvas)
+    def denoise(self, state: GraphState, canvas: Tensor, soft: Tensor | None, temperature: Tensor,
+                rows: list[int] | None = None):
+        """temperature: 0-d (every row) or [n] (one per row)."""
+        lengths, kv = self._rows(state, rows)
+        self._check_room(state, lengths, len(lengths), canvas)
         b, c = canvas.shape
         sc = torch.zeros(b, c, self.hidden_size, device=self.device) if soft is None else soft
         temp = temperature.to(self.device, torch.float32).reshape(-1).expand(b)
         logits, nxt = self._run(contract.DENOISER, {"canvas_ids": canvas, "sc_embeds": sc, "temperature": temp,
-                                                  **self._common(state, c)})
+                                                  **self._common(lengths, kv, c)})
         return logits, nxt
 
     # -- for tests/inspection -----------------------------------------------------------------------------------

@@ -26,30 +26,34 @@ def _copy(x):
     return x.clone() if hasattr(x, "clone") else x.copy()
 
 
-def append(cfg: ModelConfig, buffers: Sequence, new: Sequence, lengths: Sequence[int]) -> list[int]:
+def append(cfg: ModelConfig, buffers: Sequence, new: Sequence, lengths: Sequence[int],
+           rows: Sequence[int] | None = None) -> list[int]:
     """Write new K/V (contract order) into `buffers` in place at each row's length; returns the new lengths.
 
-    buffers[j]: [B, kvh, cap, hd] (cap = W-1 for sliding layers); new[j]: [B, kvh, S, hd]; lengths: P per row.
-    Raises RequestError when a full-layer buffer would overflow (P + S > capacity).
+    buffers[j]: [R, kvh, cap, hd] (cap = W-1 for sliding layers); new[j]: [B, kvh, S, hd]; lengths: P per new row;
+    rows: the buffer row of each new row (default 0..B-1). Raises RequestError when a full-layer buffer would
+    overflow (P + S > capacity).
     """
     keep = cfg.sliding_cache_len
     s = int(new[0].shape[2])
     out = []
-    for b, p in enumerate(int(x) for x in lengths):
-        for j, (buf, nw) in enumerate(zip(buffers, new)):
+    for i, p in enumerate(int(x) for x in lengths):
+        b = i if rows is None else int(rows[i])
+        for j, (buf, full) in enumerate(zip(buffers, new)):
+            nw = full[i]
             if cfg.is_sliding(j // 2):
                 valid = min(p, keep)
                 n_new = min(s, keep)
                 n_old = min(valid, keep - n_new)
                 if n_old and n_old != valid:  # shift the kept old tokens to the front
                     buf[b, :, :n_old] = _copy(buf[b, :, valid - n_old:valid])
-                buf[b, :, n_old:n_old + n_new] = nw[b, :, s - n_new:]
+                buf[b, :, n_old:n_old + n_new] = nw[:, s - n_new:]
             else:
                 cap = int(buf.shape[2])
                 if p + s > cap:
                     raise RequestError(f"KV buffer holds {cap} tokens; row {b} has {p} cached + {s} new = {p + s}. "
                                        "Lower max_new_tokens or the prompt length, or raise max_context.")
-                buf[b, :, p:p + s] = nw[b]
+                buf[b, :, p:p + s] = nw
         out.append(p + s)
     return out
 

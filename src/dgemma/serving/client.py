@@ -45,8 +45,9 @@ def default_grpc_url(ready_file=None) -> str:
 
 
 def encode_inputs(grpcclient, values: dict):
-    """{input name: Python value} -> tritonclient InferInputs of shape [1] with the contract's dtypes (None: left
-    out; unknown names are sent as strings or INT32 so the server names them in its refusal)."""
+    """{input name: Python value} -> tritonclient InferInputs with the contract's dtypes and the model's batch dim
+    ([1, 1] for a value, [1, n] for a list such as stop_words); None: left out; unknown names are sent as strings or
+    INT32 so the server names them in its refusal."""
     out = []
     for name, v in values.items():
         if v is None:
@@ -56,8 +57,9 @@ def encode_inputs(grpcclient, values: dict):
         else:
             dtype = "TYPE_STRING" if isinstance(v, (str, bytes)) else "TYPE_INT32"
         tname, np_dtype = WIRE_DTYPES[dtype]
-        arr = np.array([v.encode("utf-8") if isinstance(v, str) else v], dtype=np_dtype)
-        t = grpcclient.InferInput(name, [1], tname)
+        values_ = v if isinstance(v, (list, tuple)) else [v]
+        arr = np.array([[x.encode("utf-8") if isinstance(x, str) else x for x in values_]], dtype=np_dtype)
+        t = grpcclient.InferInput(name, list(arr.shape), tname)
         t.set_data_from_numpy(arr)
         out.append(t)
     return out
@@ -93,13 +95,28 @@ def request(url: str, prompt: str, model: str = MODEL, timeout_s: float = 120.0,
 
 
 def decode_result(result) -> dict:
-    """One response's tensors -> {text_output, canvas_index, canvases, steps_per_canvas, tokens_per_forward, is_draft}."""
+    """One response's tensors -> {text_output, canvas_index, canvases, steps_per_canvas, tokens_per_forward,
+    is_draft} plus, when the response carries them, finish_reason, num_input_tokens / num_output_tokens and
+    output_token_ids / output_logprobs / top_logprob_ids / top_logprobs (lists)."""
+    names = {o.name for o in result.get_response().outputs}
     d = {"text_output": result.as_numpy("text_output").reshape(-1)[0].decode("utf-8")}
     for name in ("canvas_index", "canvases"):
         d[name] = int(result.as_numpy(name).reshape(-1)[0])
     d["steps_per_canvas"] = result.as_numpy("steps_per_canvas").reshape(-1).tolist()
     d["tokens_per_forward"] = round(float(result.as_numpy("tokens_per_forward").reshape(-1)[0]), 4)
     d["is_draft"] = bool(result.as_numpy("is_draft").reshape(-1)[0])
+    if "finish_reason" in names:
+        d["finish_reason"] = result.as_numpy("finish_reason").reshape(-1)[0].decode()
+    for name in ("num_input_tokens", "num_output_tokens"):
+        if name in names:
+            d[name] = int(result.as_numpy(name).reshape(-1)[0])
+    for name in ("output_token_ids", "output_logprobs"):
+        if name in names:
+            d[name] = result.as_numpy(name).reshape(-1).tolist()
+    for name in ("top_logprob_ids", "top_logprobs"):
+        if name in names:
+            a = result.as_numpy(name)
+            d[name] = a.reshape(a.shape[-2:]).tolist()
     return d
 
 

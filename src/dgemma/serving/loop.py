@@ -1,8 +1,10 @@
-"""The canvas loop of the Triton `dgemma` model, independent of Triton: `run` drives dgemma.generation.sampler for one
-request and hands each response (a dict of numpy arrays, `response`; `text_response` decodes it into the model's
-outputs) to `send`; `serve` wraps it for the model's per-request threads: a slot (.slots), the outcome and the
-custom metrics (.metrics). `load_engine` builds the backend once per model instance through the one factory
-(dgemma.runtime.factory); `model_parameters` reads and checks the rendered config. Imports torch only where it runs.
+"""One request of the Triton `dgemma` model as the scheduler runs it, independent of Triton: `Job` turns a validated
+Request into a Generation (its own RNG, sampler settings, infill template, logprobs) and its callbacks into the
+model's responses (dicts of numpy arrays, `Job.send`): one per committed canvas when streaming (plus per-step
+drafts on request), exactly one otherwise, then a last one with the statistics and the finish reason. Stop
+sequences cut the text and end generation with the canvas that holds them. Also: the rendered config's
+parameters (`model_parameters`) and the model instance's engine, built once through the one factory
+(`load_engine`).
 """
 
 from __future__ import annotations
@@ -16,77 +18,150 @@ import numpy as np
 import torch
 
 from .. import __version__
-from ..core.errors import ArtifactError, Cancelled
+from ..core.errors import ArtifactError
 from ..core.layout import PACKAGE
 from ..generation.infill import infill_template
-from ..generation.sampler import generate
-from ..runtime.base import Observed
+from ..generation.sampler import Generation, Rng, check_request, stats_for
 from ..runtime.factory import create
-from .metrics import Recorder
 from .request import Limits, Request
-from .slots import Busy, Slots
 
 # how the canvas loop computes: in-process ONNX Runtime / torch, or BLS requests to the encoder/denoiser models
 BACKENDS = ("ort", "torch", "bls")
-GRAPH_OF = {"encode": "encoder", "denoise": "denoiser"}  # backend call -> the graph label of dgemma_graph_seconds
 
 
-def response(new_ids, canvas_index: int, canvases: int, steps: list[int], tokens_per_forward: float,
-             draft: bool = False) -> dict:
-    """The loop's tensors for one response (output_ids still token ids; text_response decodes them)."""
-    return {
-        "is_draft": np.array([draft], dtype=np.bool_),
-        "output_ids": np.asarray(new_ids, dtype=np.int64).reshape(-1),
-        "canvas_index": np.array([canvas_index], dtype=np.int32),
-        "canvases": np.array([canvases], dtype=np.int32),
-        "steps_per_canvas": np.asarray(steps or [0], dtype=np.int32),
-        "tokens_per_forward": np.array([tokens_per_forward], dtype=np.float32),
-    }
+def _batch(a: np.ndarray) -> np.ndarray:
+    return a[None]  # the model has max_batch_size 1: every output carries a leading batch dim of 1
 
 
-def text_response(tensors: dict, tokenizer) -> dict:
-    """A `response` with its output_ids decoded: the model's OUTPUTS."""
-    out = dict(tensors)
-    text = tokenizer.decode(out.pop("output_ids").tolist())
-    return {"text_output": np.array([text.encode("utf-8")], dtype=np.object_), **out}
+class Job:
+    """A request's generation and its responses. `send(tensors)` hands a response (output name -> array) to
+    Triton; the scheduler calls `on_step` / `on_canvas` from its thread and `finish` once the row leaves."""
 
+    def __init__(self, req: Request, engine, send: Callable[[dict], None], arrived: float | None = None):
+        self.req, self.engine, self._send = req, engine, send
+        self.tok = engine.tokenizer
+        backend = engine.backend
+        cfg = engine.sampler.replace(max_new_tokens=req.max_tokens, max_denoising_steps=req.max_denoising_steps,
+                                     entropy_bound=req.entropy_bound, ignore_eos=req.ignore_eos, t_min=req.t_min,
+                                     t_max=req.t_max, adaptive_stopping=req.adaptive_stopping)
+        self.cfg = cfg
+        self.prompt = torch.tensor([req.input_ids], dtype=torch.int64, device=backend.device)
+        n_canvases = check_request(self.prompt, cfg, backend)
+        template = None
+        if req.infill is not None:
+            template = infill_template(self.tok, req.infill, backend.canvas_length, cfg.max_new_tokens)
+            template = template.to(backend.device)
+        generator = torch.Generator(device=backend.device).manual_seed(req.seed)
+        self.gen = Generation(self.prompt, cfg, Rng([generator]), backend.canvas_length, backend.vocab_size,
+                              template, n_canvases, req.logprobs, stats_for(backend.device))
+        self.special = set(cfg.eos_token_ids) | {cfg.pad_token_id}
+        self.text = ""  # text sent so far (streaming) / kept (stop sequences are searched in it)
+        self.tokens: list[int] = []  # the tokens of that text
+        self.lp: list[np.ndarray] = []  # their logprobs (chosen, top ids, top logprobs) per canvas
+        self.finish_reason = "length"
+        self.stopped = False
+        self.arrived = arrived if arrived is not None else time.perf_counter()
+        self.first_canvas_s: float | None = None
+        self.outcome = "error"
 
-def run(backend, sampler, tokenizer, req: Request, send: Callable[[dict], None],
-        should_stop: Callable[[], bool] | None = None,
-        on_commit: Callable[[int, int], None] | None = None) -> None:
-    """Generate for one request; stream=True sends one response per committed canvas (only its tokens),
-    otherwise exactly one response with all new tokens. on_commit(canvas index, steps it took) after every
-    commit. Raises Cancelled when should_stop() turns true (polled before every denoising step)."""
-    cfg = sampler.replace(max_new_tokens=req.max_tokens, max_denoising_steps=req.max_denoising_steps,
-                          entropy_bound=req.entropy_bound, ignore_eos=req.ignore_eos, t_min=req.t_min,
-                          t_max=req.t_max, adaptive_stopping=req.adaptive_stopping)
-    template = None
-    if req.infill is not None:
-        template = infill_template(tokenizer, req.infill, backend.canvas_length, cfg.max_new_tokens)
-    steps: list[int] = []
+    # -- scheduler callbacks ---------------------------------------------------------------------------------------
+    def on_step(self, ev) -> None:
+        if self.req.stream and self.req.stream_drafts:
+            steps = self.gen.steps_per_canvas[: ev.canvas] + [ev.step]  # the canvases so far, this one's step
+            self.send(self._tensors(self.tok.decode(ev.draft[0].tolist()), ev.canvas, ev.canvas, steps, draft=True))
 
-    def on_step(ev):
-        if ev.canvas == len(steps):
-            steps.append(0)
-        steps[ev.canvas] = ev.step
-        if req.stream and req.stream_drafts:
-            send(response(ev.draft[0].tolist(), ev.canvas, ev.canvas, list(steps), 0.0, draft=True))
+    def on_canvas(self, i: int, committed: torch.Tensor) -> None:
+        if self.first_canvas_s is None:
+            self.first_canvas_s = time.perf_counter() - self.arrived
+        ids = [int(t) for t in committed[0].tolist()]
+        keep = [j for j, t in enumerate(ids) if t not in self.special]
+        toks = [ids[j] for j in keep]
+        text = self.tok.decode(toks)
+        cut = self._stop_cut(self.text + text)
+        if cut is not None:  # a stop sequence: keep the text before it, end with this canvas
+            n = max(0, cut - len(self.text))
+            text, keep, toks = text[:n], *self._tokens_within(keep, toks, n)
+            self.gen.stop()
+            self.stopped = True
+            self.finish_reason = "stop"
+        lp = self._logprobs(keep)
+        self.text += text
+        self.tokens += toks
+        if lp is not None:
+            self.lp.append(lp)
+        if self.req.stream:
+            self.send(self._tensors(text, i, i + 1, self.gen.steps_per_canvas, toks=toks, lp=lp))
 
-    def on_canvas(i, committed):
-        if on_commit is not None:
-            on_commit(i, steps[i])
-        if req.stream:
-            send(response(committed[0].tolist(), i, i + 1, list(steps), 0.0))
+    def finish(self) -> None:
+        """The row left the scheduler having finished: the last response (stream: the statistics; otherwise the
+        whole answer)."""
+        res = self.gen.result()
+        if not self.stopped and res.finished is not None and bool(res.finished[0]):
+            self.finish_reason = "stop"  # an EOS
+        tpf = float(res.tokens_per_forward[0])
+        if self.req.stream:
+            self.send(self._tensors("", res.canvases, res.canvases, res.steps_per_canvas, tpf, final=True, toks=[]))
+        else:
+            lp = tuple(np.concatenate(parts) for parts in zip(*self.lp)) if self.lp else None
+            # one decode of all tokens (a character may span two canvases); a stop cut is already text
+            text = self.text if self.stopped else self.tok.decode(self.tokens)
+            self.send(self._tensors(text, 0, res.canvases, res.steps_per_canvas, tpf, final=True, toks=self.tokens,
+                                    lp=lp))
+        self.outcome = "ok"
 
-    prompt = torch.tensor([req.input_ids], dtype=torch.int64, device=backend.device)
-    res = generate(backend, prompt, cfg, torch.Generator(device=backend.device).manual_seed(req.seed),
-                   on_step=on_step, should_stop=should_stop, on_canvas=on_canvas,
-                   template=None if template is None else template.to(backend.device))
-    tpf = float(res.tokens_per_forward[0])
-    if req.stream:  # a last empty response carries the final statistics
-        send(response([], res.canvases, res.canvases, res.steps_per_canvas, tpf))
-    else:
-        send(response(res.new_tokens[0].tolist(), 0, res.canvases, res.steps_per_canvas, tpf))
+    # -- pieces ---------------------------------------------------------------------------------------------------
+    def _stop_cut(self, text: str) -> int | None:
+        found = [text.find(w) for w in self.req.stop_words]
+        found = [i for i in found if i >= 0]
+        return min(found) if found else None
+
+    def _tokens_within(self, keep: list[int], toks: list[int], n_chars: int) -> tuple[list[int], list[int]]:
+        """The leading tokens whose decoded text fits in the first n_chars characters."""
+        k = 0
+        while k < len(toks) and len(self.tok.decode(toks[: k + 1])) <= n_chars:
+            k += 1
+        return keep[:k], toks[:k]
+
+    def _logprobs(self, keep: list[int]):
+        if self.req.logprobs is None:
+            return None
+        chosen, top_ids, top_lp = self.gen.lp_chunks[-1]
+        chosen = chosen[0, keep].float().cpu().numpy()
+        if top_ids is None:
+            k = 0
+            return chosen, np.zeros((len(keep), k), np.int64), np.zeros((len(keep), k), np.float32)
+        return chosen, top_ids[0, keep].cpu().numpy(), top_lp[0, keep].float().cpu().numpy()
+
+    def _tensors(self, text: str, canvas_index: int, canvases: int, steps: list[int], tpf: float = 0.0,
+                 draft: bool = False, final: bool = False, toks: list[int] | None = None, lp=None) -> dict:
+        out = {
+            "text_output": np.array([text.encode("utf-8")], dtype=np.object_),
+            "is_draft": np.array([draft], dtype=np.bool_),
+            "canvas_index": np.array([canvas_index], dtype=np.int32),
+            "canvases": np.array([canvases], dtype=np.int32),
+            "steps_per_canvas": np.asarray(list(steps) or [0], dtype=np.int32),
+            "tokens_per_forward": np.array([tpf], dtype=np.float32),
+        }
+        if final:
+            out["finish_reason"] = np.array([self.finish_reason.encode()], dtype=np.object_)
+        if not draft:
+            if self.req.return_num_input_tokens:
+                out["num_input_tokens"] = np.array([len(self.req.input_ids)], dtype=np.uint32)
+            if self.req.return_num_output_tokens:
+                out["num_output_tokens"] = np.array([len(toks or [])], dtype=np.uint32)
+            if self.req.logprobs is not None and toks is not None:
+                k = self.req.logprobs
+                chosen, tids, tlp = lp if lp is not None else (np.zeros(0, np.float32), np.zeros((0, k), np.int64),
+                                                               np.zeros((0, k), np.float32))
+                out["output_token_ids"] = np.asarray(toks, dtype=np.int64)
+                out["output_logprobs"] = np.asarray(chosen, dtype=np.float32)
+                if k:
+                    out["top_logprob_ids"] = np.asarray(tids, dtype=np.int64).reshape(-1, k)
+                    out["top_logprobs"] = np.asarray(tlp, dtype=np.float32).reshape(-1, k)
+        return {name: _batch(a) for name, a in out.items()}
+
+    def send(self, tensors: dict) -> None:
+        self._send(tensors)
 
 
 def model_parameters(args: dict) -> dict[str, str]:
@@ -106,7 +181,8 @@ def model_parameters(args: dict) -> dict[str, str]:
 
 def load_engine(params: dict[str, str], pb_utils=None, device_id: int | None = None):
     """The model instance's Engine (backend, sampler defaults, tokenizer; dgemma.runtime.factory), built once in
-    initialize() from the rendered parameters: `backend` ort | torch in-process, or bls to the graph models."""
+    initialize() from the rendered parameters: `backend` ort | torch in-process, or bls to the graph models. The
+    backend takes rows at different positions in one call (batched=True), for the in-flight scheduler."""
     threads = int(params["threads"]) if params.get("threads") else None
     if threads:
         torch.set_num_threads(threads)
@@ -117,40 +193,4 @@ def load_engine(params: dict[str, str], pb_utils=None, device_id: int | None = N
     device = (f"cuda:{device_id}" if device_id is not None else "cuda") if on_gpu else "cpu"
     return create(kind, params["graph_precision"] if kind == "bls" else precision, gpu, params["checkpoint"],
                   device=device, max_context=limits.max_context, threads=threads,
-                  onnx_dir=params.get("onnx_dir") or None, pb_utils=pb_utils)
-
-
-def serve(engine, req: Request, send: Callable[[dict], None], should_stop: Callable[[], bool], slots: Slots,
-          recorder: Recorder, log: Callable[[str], None] = lambda s: None) -> str:
-    """One request on the model's per-request thread: wait for a slot, generate, free the slot, record.
-    -> outcome ("ok", "cancelled"); DgemmaErrors (bad request, Busy) and bugs propagate after recording."""
-    committed = 0
-    outcome = "error"
-
-    def on_commit(i, steps):
-        nonlocal committed
-        committed = i + 1
-        recorder.canvas(steps)
-
-    t0 = time.perf_counter()
-    try:
-        slots.acquire(should_stop, on_queued=lambda: recorder.occupancy(slots))
-    except Busy:
-        recorder.finished(None, "busy", slots)
-        raise
-    except Cancelled:
-        recorder.finished(0, "cancelled", slots)
-        return "cancelled"
-    recorder.occupancy(slots)
-    try:
-        backend = Observed(engine.backend, lambda kind, t0, t1: recorder.graph_call(GRAPH_OF[kind], t1 - t0))
-        run(backend, engine.sampler, engine.tokenizer, req, send, should_stop, on_commit)
-        outcome = "ok"
-    except Cancelled as e:
-        outcome = "cancelled"
-        log(f"dgemma: {e} after {committed} committed canvas(es), {time.perf_counter() - t0:.3f} s; "
-            "slot freed")
-    finally:
-        slots.release()
-        recorder.finished(committed, outcome, slots)
-    return outcome
+                  onnx_dir=params.get("onnx_dir") or None, pb_utils=pb_utils, batched=True)

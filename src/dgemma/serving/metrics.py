@@ -8,6 +8,7 @@ import threading
 from typing import Any, Callable
 
 
+SECONDS = (0.0005, 0.001, 0.002, 0.004, 0.008, 0.016, 0.032, 0.064, 0.128, 0.256, 1.0, 4.0, 16.0)
 # custom metrics the dgemma model reports on Triton's metrics endpoint: name -> (kind, description, buckets)
 METRICS = {
     "dgemma_steps_per_canvas": ("histogram", "Denoising steps per committed canvas",
@@ -16,17 +17,20 @@ METRICS = {
                                     (1, 2, 3, 4, 6, 8, 16, 32, 64, 128)),
     "dgemma_requests_total": ("counter", "Requests the dgemma model finished, by outcome (ok, cancelled, error, busy)",
                               None),
-    "dgemma_graph_seconds": ("histogram", "Wall time of one backend call seen by the canvas loop (graph=encoder: "
-                             "prefill/commit; graph=denoiser: one denoising step; BLS round trip included)",
-                             (0.0005, 0.001, 0.002, 0.004, 0.008, 0.016, 0.032, 0.064, 0.128, 0.256, 1.0)),
-    "dgemma_requests_active": ("gauge", "Requests generating now (slots in use)", None),
-    "dgemma_requests_queued": ("gauge", "Requests waiting for a slot", None),
+    "dgemma_graph_seconds": ("histogram", "Wall time of one batched backend call of the scheduler (graph=encoder: "
+                             "prefill chunks / commits; graph=denoiser: one denoising step; rows=the requests in the "
+                             "call; BLS round trip included)", SECONDS),
+    "dgemma_rows_per_step": ("histogram", "Requests sharing one batched denoising step", (1, 2, 3, 4, 6, 8, 12, 16, 32)),
+    "dgemma_queue_seconds": ("histogram", "Time a request waited for a row (arrival -> admitted)", SECONDS),
+    "dgemma_time_to_first_canvas_seconds": ("histogram", "Arrival -> first committed canvas", SECONDS),
+    "dgemma_requests_active": ("gauge", "Requests generating now (rows in use)", None),
+    "dgemma_requests_queued": ("gauge", "Requests waiting for a row", None),
 }
 
 
 class Recorder:
     """Updates METRICS through `make(name, labels)` -> an object with observe/increment/set (pb_utils.Metric in
-    the model; anything alike in tests). Thread-safe."""
+    the model; anything alike in tests). Thread-safe; without `make` it records nothing."""
 
     def __init__(self, make: Callable[[str, dict], Any] | None):
         self._lock = threading.Lock()
@@ -39,32 +43,21 @@ class Recorder:
             self._m[key] = self._make(name, labels)
         return self._m[key]
 
-    def canvas(self, steps: int) -> None:
+    def observe(self, name: str, value: float, **labels) -> None:
         if self._make:
             with self._lock:
-                self._get("dgemma_steps_per_canvas").observe(float(steps))
+                self._get(name, **labels).observe(float(value))
 
-    def graph_call(self, graph: str, seconds: float) -> None:
+    def count(self, name: str, **labels) -> None:
         if self._make:
             with self._lock:
-                self._get("dgemma_graph_seconds", graph=graph).observe(seconds)
+                self._get(name, **labels).increment(1)
 
-    def finished(self, canvases: int | None, outcome: str, slots) -> None:
+    def occupancy(self, active: int, queued: int) -> None:
         if self._make:
             with self._lock:
-                if canvases is not None:
-                    self._get("dgemma_canvases_per_request").observe(float(canvases))
-                self._get("dgemma_requests_total", outcome=outcome).increment(1)
-                self._occupancy(slots)
-
-    def occupancy(self, slots) -> None:
-        if self._make:
-            with self._lock:
-                self._occupancy(slots)
-
-    def _occupancy(self, slots) -> None:
-        self._get("dgemma_requests_active").set(float(slots.in_use))
-        self._get("dgemma_requests_queued").set(float(slots.queued))
+                self._get("dgemma_requests_active").set(float(active))
+                self._get("dgemma_requests_queued").set(float(queued))
 
 
 def parse_metrics(text: str, prefixes: tuple[str, ...] = ("dgemma_", "nv_inference_")) -> dict[str, float]:

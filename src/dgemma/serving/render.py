@@ -91,9 +91,9 @@ def graph_models_rendered(backend: str, engine: str) -> bool:
 
 
 def _io_blocks() -> dict[str, str]:
-    inputs = [f'  {{ name: "{name}" data_type: {dtype} dims: [ 1 ]{" optional: true" if optional else ""} }}'
-              for name, (dtype, optional) in MODEL_INPUTS.items()]
-    outputs = [f'  {{ name: "{name}" data_type: {dtype} dims: [ {dims} ] }}'
+    inputs = [f'  {{ name: "{name}" data_type: {dtype} dims: [ {dims} ]{" optional: true" if optional else ""} }}'
+              for name, (dtype, optional, dims) in MODEL_INPUTS.items()]
+    outputs = [f'  {{ name: "{name}" data_type: {dtype} dims: [ {", ".join(map(str, dims))} ] }}'
                for name, (dtype, dims) in MODEL_OUTPUTS.items()]
     return {"inputs": ",\n".join(inputs), "outputs": ",\n".join(outputs)}
 
@@ -107,7 +107,7 @@ def render(gpu: str = "cpu", precision: str = "bf16", checkpoint: str | Path | N
            out: str | Path | None = None, backend: str | None = None, threads: int | None = 1,
            templates: Path = TRITON_TEMPLATES, backends: bool = True,
            engine: str = "auto", onnx_precision: str | None = None, max_batch: int | None = None,
-           queue_delay_us: int = QUEUE_DELAY_US) -> Path:
+           queue_delay_us: int = QUEUE_DELAY_US, prefill_chunk: int | None = None) -> Path:
     """Write the model repository and backend directory; returns the output root (…/<gpu>/<precision>).
 
     backend: how the canvas loop computes (ort | torch in-process, bls through the encoder/denoiser models; default
@@ -116,8 +116,8 @@ def render(gpu: str = "cpu", precision: str = "bf16", checkpoint: str | Path | N
     the loop uses them (bls) or when they are cheap ONNX Runtime CPU models; otherwise they would only hold a
     second copy of the weights next to the in-process backend (`graph_models_rendered`).
     onnx_precision: which build/onnx/<p>/ the ONNX Runtime models read (default fp32 on the CPU profile, which
-    ORT's CPU provider runs, else the target precision). max_batch: override GpuProfile.max_batch (canvases in
-    flight = the dgemma model's slots = the graphs' max_batch_size)."""
+    ORT's CPU provider runs, else the target precision). max_batch: override GpuProfile.max_batch (requests in
+    flight = rows of the dgemma model's scheduler = the graphs' max_batch_size)."""
     target = resolve(gpu, precision)
     engine = pick_engine(engine, target.gpu)
     backend = backend or (CPU_BACKEND if target.gpu.sm == 0 else "bls" if engine == "tensorrt" else "torch")
@@ -134,6 +134,9 @@ def render(gpu: str = "cpu", precision: str = "bf16", checkpoint: str | Path | N
     batch = max_batch or target.gpu.max_batch
     if batch < 1:
         raise ConfigError(f"max_batch must be >= 1 (got {batch}).")
+    chunk = 2 * mcfg.canvas_length if prefill_chunk is None else prefill_chunk  # prompt tokens per encoder pass
+    if chunk < 1:
+        raise ConfigError(f"prefill_chunk must be >= 1 token (got {chunk}).")
     layout = current()
     onnx_dir = layout.onnx(onnx_precision)
     engine_dir = layout.engines(target.gpu.name, target.precision.value)
@@ -146,6 +149,7 @@ def render(gpu: str = "cpu", precision: str = "bf16", checkpoint: str | Path | N
         "default_t_min": scfg.t_min, "default_t_max": scfg.t_max,
         "backend": backend, "onnx_dir": onnx_dir, "threads": threads or "", "max_batch": batch,
         "max_queued": 8 * batch, "engine": engine, "graph_precision": graph_precision,
+        "prefill_chunk": chunk,
     }
     common = {"target": target.key, "max_batch": batch, "queue_delay_us": queue_delay_us}
     values = {"dgemma": {**common, "parameters": _parameters(params), **_io_blocks()}}

@@ -1,20 +1,15 @@
 """The serving pieces without a server: the encoder/denoiser batch runner, the BLS backend over a stand-in for
-pb_utils (each BLS request answered by the GraphRunner that the Triton model would run), the dgemma model's slots
-and metrics recorder. build/onnx/fp32 comes from the session fixture (conftest.ensure_onnx_fp32)."""
+pb_utils (each BLS request answered by the GraphRunner that the Triton model would run), in-flight batches over
+the exported graphs. build/onnx/fp32 comes from the session fixture (conftest.ensure_onnx_fp32)."""
 
 from __future__ import annotations
 
-import threading
-import time
 
 import numpy as np
 import pytest
 import torch
 
 from dgemma.core import contract as graphs
-from dgemma.core.errors import Cancelled
-from dgemma.serving.metrics import Recorder
-from dgemma.serving.slots import Busy, Slots
 from dgemma.serving.graph_models import GraphRunner
 
 PROMPT = "sort: 8 0 7 2 2 9 4 1 6 3"
@@ -140,60 +135,56 @@ def test_run_batch_equals_one_call_per_request(runners):
             np.testing.assert_array_equal(o, s)
 
 
-def test_slots_queue_in_order_refuse_beyond_and_free_on_release():
-    slots = Slots(size=1, max_queued=1)
-    slots.acquire()
-    order = []
+def test_in_flight_rows_over_ort_and_bls_get_their_solo_answers(runners, onnx_fp32):
+    """The scheduler's batches over the exported graphs: in-process ONNX Runtime and BLS requests to the graph
+    models (every request carries only the rows of that iteration, at their own lengths); each request's tokens
+    are those it gets alone, and both routes agree."""
+    from dgemma.generation.batch import InFlight, Row
+    from dgemma.generation.sampler import Generation, Rng, check_request, stats_for
+    from dgemma.model.checkpoint import load_checkpoint
+    from dgemma.model.tokens import Tokenizer
+    from dgemma.runtime.bls_backend import BlsBackend
+    from dgemma.runtime.ort_backend import OrtBackend
+    from dgemma.tiny import ensure_tiny
 
-    def waiter():
-        slots.acquire(on_queued=lambda: order.append("queued"))
-        order.append("waiter")
-        slots.release()
+    torch.set_num_threads(1)
+    ck = load_checkpoint(ensure_tiny())
+    tok = Tokenizer(ensure_tiny())
+    specs = [(PROMPT, 1, {}), ("sort: 1 2", 2, {"max_denoising_steps": 3, "max_new_tokens": 64}),
+             ("sort: 9 9 9 9 9 9 9 9 1 1 1", 3, {"adaptive_stopping": False, "max_denoising_steps": 5}),
+             ("sort: 4", 4, {"t_min": 0.2, "t_max": 1.4, "ignore_eos": True, "max_new_tokens": 64})]
 
-    t = threading.Thread(target=waiter)
-    t.start()
-    time.sleep(0.1)
-    assert slots.queued == 1
-    with pytest.raises(Busy, match=r"dgemma is full: 1 requests generating \(max_batch=1, GpuProfile.max_batch\) "
-                                   r"and 1 queued \(max 1\); retry later"):
-        slots.acquire()
-    slots.release()
-    t.join(2)
-    assert order == ["queued", "waiter"] and slots.in_use == 0 and slots.queued == 0
-    slots.acquire()
-    with pytest.raises(Cancelled, match="cancelled while queued"):
-        slots.acquire(should_stop=lambda: True)
-    assert slots.queued == 0 and slots.in_use == 1
+    def rows(backend):
+        out = []
+        for text, seed, over in specs:
+            ids = torch.tensor([tok.encode_chat(text)])
+            cfg = ck.sampler.replace(**over)
+            gen = Generation(ids, cfg, Rng([torch.Generator().manual_seed(seed)]), backend.canvas_length,
+                             backend.vocab_size, None, check_request(ids, cfg, backend), 0, stats_for(backend.device))
+            out.append(Row(gen, ids))
+        return out
 
+    def run(backend, capacity):
+        flight, pending, sizes = InFlight(backend, capacity, prefill_chunk=8), rows(backend), []
+        done = list(pending)
+        while pending or flight.rows:
+            while pending and flight.free:
+                flight.add(pending.pop(0))
+            rep = flight.step()
+            assert not rep.failed, rep.failed
+            sizes += [rep.denoised[0]] if rep.denoised else []
+        return [(r.gen.result().sequences.tolist(), r.gen.result().logprobs.tolist()) for r in done], max(sizes)
 
-def test_recorder_reports_steps_canvases_outcomes():
-    seen = {}
-
-    class M:
-        def __init__(self, key):
-            self.key = key
-
-        def observe(self, v):
-            seen.setdefault(self.key, []).append(v)
-
-        def increment(self, v):
-            seen[self.key] = seen.get(self.key, 0) + v
-
-        def set(self, v):
-            seen[self.key] = v
-
-    rec = Recorder(lambda name, labels: M((name, tuple(sorted(labels.items())))))
-    slots = Slots(2, 4)
-    rec.canvas(5)
-    rec.canvas(3)
-    rec.finished(2, "ok", slots)
-    rec.finished(1, "cancelled", slots)
-    assert seen[("dgemma_steps_per_canvas", ())] == [5.0, 3.0]
-    assert seen[("dgemma_canvases_per_request", ())] == [2.0, 1.0]
-    assert seen[("dgemma_requests_total", (("outcome", "ok"),))] == 1
-    assert seen[("dgemma_requests_total", (("outcome", "cancelled"),))] == 1
-    assert seen[("dgemma_requests_active", ())] == 0.0
-    Recorder(None).canvas(1)  # no metrics (tests, plain runs): a no-op
+    pb = FakePb(runners)
+    bls = BlsBackend(ck.config, "fp32", max_context=256, pb_utils=pb, target="cpu/bf16")
+    ort = OrtBackend(onnx_fp32, max_context=256, threads=1)
+    alone, _ = run(ort, 1)
+    together, widest = run(ort, 3)
+    assert widest == 3 and together == alone
+    over_bls, _ = run(bls, 3)
+    assert over_bls == alone
+    sent = {shapes["canvas_ids"][0] for m, shapes in pb.log if m == "denoiser"}
+    assert sent == {1, 2, 3}  # each BLS request carries the rows denoising in that iteration
 
 
 def test_torch_runner_matches_onnxruntime(runners):

@@ -479,7 +479,7 @@ def test_error_mapping_of_model_answers():
 
 
 def test_genai_perf_profiles_the_chat_endpoint(oa, tmp_path):
-    from tests.serving.test_perf_tools import genai_perf
+    from tests.stages.serving.test_perf_tools import genai_perf
 
     stats = genai_perf(tmp_path, "--endpoint-type", "chat", "-u", oa.base_url.removesuffix("/v1"))
     assert stats["request_throughput"]["avg"] > 0 and stats["request_count"]["avg"] == 4

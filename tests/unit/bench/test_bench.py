@@ -258,19 +258,23 @@ def test_bench_ort_without_graphs_names_the_path_and_the_make_command(tmp_path, 
 
 def test_server_delta_reads_loop_steps_and_graph_batches():
     """What `dgemma loadtest` measured, folded into the served sweep: per level, the denoising steps and mean step
-    time the loop saw (dgemma_graph_seconds) and each graph model's executions by batch size."""
+    time the loop saw (dgemma_graph_seconds), the mean rows per batched step (dgemma_rows_per_step) and each graph
+    model's executions by batch size."""
     from dgemma.bench.served import server_delta
 
     a = {"batches": {"dgemma": {}, "denoiser": {1: 10, 2: 3}},
          "metrics": {'dgemma_graph_seconds_count{graph="denoiser",model="dgemma"}': 100.0,
                      'dgemma_graph_seconds_sum{graph="denoiser",model="dgemma"}': 0.5,
-                     'dgemma_graph_seconds_count{graph="encoder",model="dgemma"}': 9.0}}
+                     'dgemma_graph_seconds_count{graph="encoder",model="dgemma"}': 9.0,
+                     'dgemma_rows_per_step_sum{model="dgemma"}': 130.0, 'dgemma_rows_per_step_count{model="dgemma"}': 100.0}}
     b = {"batches": {"dgemma": {}, "denoiser": {1: 12, 2: 7, 4: 1}},
          "metrics": {'dgemma_graph_seconds_count{graph="denoiser",model="dgemma"}': 120.0,
                      'dgemma_graph_seconds_sum{graph="denoiser",model="dgemma"}': 0.6,
-                     'dgemma_graph_seconds_count{graph="encoder",model="dgemma"}': 12.0}}
+                     'dgemma_graph_seconds_count{graph="encoder",model="dgemma"}': 12.0,
+                     'dgemma_rows_per_step_sum{model="dgemma"}': 180.0, 'dgemma_rows_per_step_count{model="dgemma"}': 120.0}}
     d = server_delta(a, b)
     assert d["denoise_steps_in_loop"] == 20 and d["step_ms_in_loop"] == pytest.approx(5.0)
+    assert d["mean_rows_per_step"] == pytest.approx(50 / 20)
     assert d["batch_sizes"] == {"denoiser": {1: 2, 2: 4, 4: 1}}
     assert d["mean_denoiser_batch"] == pytest.approx((2 + 8 + 4) / 7)
     assert server_delta({"batches": {}}, {"batches": {}}) == {}  # no metrics endpoint: nothing invented

@@ -27,7 +27,26 @@ def test_prompt_ids_steps_and_stream(tiny_dir, capsys):
     assert "[canvas 1]" in cap.out and "step  3/3" in cap.err
 
 
+def test_generate_logprobs_json_and_table(capsys):
+    """--logprobs K: per new token up to the EOS its log-probability and K alternatives, most likely first; the
+    committed token is the step's argmax, so it is the first alternative; the values match the JSON."""
+    base = ["generate", "--prompt", "sort: 3 1 4 1 5 9 2 6 5 3", "--seed", "0"]
+    assert main(base + ["--logprobs", "2", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    rows = out["logprobs"]
+    assert [r["token_id"] for r in rows] == out["token_ids"][: len(rows)] and rows[-1]["token_id"] == 106  # <end_of_turn>
+    for r in rows:
+        assert r["logprob"] <= 0 and len(r["top"]) == 2 and r["top"][0]["token_id"] == r["token_id"]
+        assert r["top"][0]["logprob"] >= r["top"][1]["logprob"] and r["top"][0]["logprob"] == r["logprob"]
+    assert main(base + ["--logprobs"]) == 0  # K defaults to 0: the chosen tokens only
+    cap = capsys.readouterr()
+    table = [line for line in cap.out.splitlines() if line.startswith("  ")]
+    assert "-- logprobs" in cap.out and len(table) == len(rows)
+    assert float(table[0].split()[-1]) == pytest.approx(rows[0]["logprob"], abs=1e-4)
+
+
 @pytest.mark.parametrize("extra,msg", [
+    (["--logprobs", "6"], "--logprobs must be in 0..5 (got 6)"),
     (["--steps", "0"], "--steps must be in 1..48 (got 0)"),
     (["--steps", "49"], "max_denoising_steps=48"),
     (["--seed", "1.5"], "--seed must be an integer (got '1.5')"),

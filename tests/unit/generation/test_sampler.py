@@ -183,3 +183,53 @@ def test_request_longer_than_context_is_rejected():
         generate(be, torch.ones(1, 7, dtype=torch.long), SamplerConfig(max_new_tokens=4), torch.Generator())
     with pytest.raises(RequestError, match="outside the vocabulary 0..7"):
         generate(be, torch.tensor([[1, 9]]), SamplerConfig(max_new_tokens=4), torch.Generator())
+
+
+def _recording(backend):
+    """Wrap a backend: every denoise call's raw logits and temperature, in order."""
+    calls = []
+    real = backend.denoise
+
+    def denoise(state, canvas, soft, t, *a, **kw):
+        raw, nxt = real(state, canvas, soft, t, *a, **kw)
+        calls.append((raw.clone(), t.clone()))
+        return raw, nxt
+
+    backend.denoise = denoise
+    return calls
+
+
+@pytest.mark.parametrize("adaptive", [True, False])
+def test_logprobs_recomputed_from_the_logits_of_the_fixing_step(adaptive):
+    """Each committed token's log-probability is log_softmax(raw / T) (float64 here, independently) at that token
+    under the step that fixed it: the step a row stopped at (adaptive) or the canvas's last step; the top-K are the
+    K largest of that distribution, in order. Real model (the embedded tiny one), two rows."""
+    from dgemma.runtime.factory import create
+
+    eng = create("torch", "fp32", dtype="float32")
+    calls = _recording(eng.backend)
+    cfg = eng.sampler.replace(max_new_tokens=64, adaptive_stopping=adaptive, max_denoising_steps=6, ignore_eos=True)
+    ids = torch.tensor([eng.tokenizer.encode_chat("sort: 3 1 4 1 5 9 2 6 5 3")] * 2)
+    stops = []
+    res = generate(eng.backend, ids, cfg, torch.Generator().manual_seed(3), logprobs=3,
+                   on_step=lambda ev: stops.append(ev.done.clone()))
+    c, k = eng.backend.canvas_length, 3
+    assert res.logprobs.shape == (2, 64) and res.top_ids.shape == res.top_logprobs.shape == (2, 64, 3)
+    step = 0
+    for ci, n in enumerate(res.steps_per_canvas):
+        canvas_calls, canvas_stops = calls[step : step + n], stops[step : step + n]
+        step += n
+        for b in range(2):
+            # the first step at which row b was done, else the last
+            fixing = next((i for i, d in enumerate(canvas_stops) if bool(d[b])), n - 1)
+            raw, t = canvas_calls[fixing]
+            lp = torch.log_softmax(raw[b].double() / t.double(), dim=-1)  # [C, V]
+            toks = res.new_tokens[b, ci * c : (ci + 1) * c]
+            want = lp.gather(-1, toks[:, None]).squeeze(-1)
+            got = res.logprobs[b, ci * c : (ci + 1) * c].double()
+            assert (got - want).abs().max() < 1e-5
+            top_lp, top_ids = lp.topk(k, dim=-1)
+            assert torch.equal(res.top_ids[b, ci * c : (ci + 1) * c], top_ids)
+            assert (res.top_logprobs[b, ci * c : (ci + 1) * c].double() - top_lp).abs().max() < 1e-5
+            assert bool((toks == top_ids[:, 0]).all())  # the committed canvas is the argmax of that step
+    assert step == len(calls)

@@ -98,14 +98,15 @@ def test_stream_chunks_per_canvas_then_finish_and_usage():
 def test_request_is_typed_from_the_model_metadata():
     b = TritonBridge("127.0.0.1:1")
     b.info = ModelInfo("dgemma", {"text_input": "BYTES", "stop_words": "BYTES", "max_tokens": "INT32",
-                                  "seed": "INT64", "temperature": "FP32", "stream": "BOOL"}, {})
+                                  "seed": "UINT64", "temperature": "FP32", "stream": "BOOL"}, {})
     req = b._request("<bos>hi", {"stop_words": ["a", "bc"], "max_tokens": 5, "seed": 2**40, "temperature": 0.5,
                                  "stream": True}, "r1")
     shapes = {t.name: (t.datatype, list(t.shape)) for t in req.inputs}
-    assert shapes["stop_words"] == ("BYTES", [2]) and shapes["seed"] == ("INT64", [1])
+    # the model's max_batch_size 1: a leading batch dim, as Triton's own OpenAI frontend sends
+    assert shapes["stop_words"] == ("BYTES", [1, 2]) and shapes["seed"] == ("UINT64", [1, 1])
     raw = dict(zip([t.name for t in req.inputs], req.raw_input_contents))
     assert raw["stop_words"] == b"\x01\x00\x00\x00a\x02\x00\x00\x00bc"
-    assert np.frombuffer(raw["seed"], np.int64)[0] == 2**40 and np.frombuffer(raw["stream"], np.bool_)[0]
+    assert np.frombuffer(raw["seed"], np.uint64)[0] == 2**40 and np.frombuffer(raw["stream"], np.bool_)[0]
     assert req.parameters["triton_enable_empty_final_response"].bool_param and req.id == "r1"
 
 

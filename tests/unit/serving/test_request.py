@@ -11,7 +11,6 @@ from dgemma.core.errors import RequestError
 from dgemma.core.profiles import PROFILES
 from dgemma.core.contract import MODEL_INPUTS as INPUTS
 from dgemma.core.contract import MODEL_OUTPUTS as OUTPUTS
-from dgemma.serving.loop import response
 from dgemma.serving.request import Limits, Request, parse_request
 from dgemma.tiny import DEFAULT_CHECKPOINT
 from dgemma.model.tokens import Tokenizer
@@ -24,7 +23,7 @@ PROMPT = "sort: 3 1 4 1 5 9 2 6 5 3"
 
 def parse(**kw):
     inputs = {k: np.array([v.encode() if isinstance(v, str) else v]) for k, v in kw.items()}
-    return parse_request(inputs, LIMITS, TOK.encode_chat)
+    return parse_request(inputs, LIMITS, TOK)
 
 
 def test_defaults_and_roundtrip():
@@ -36,10 +35,14 @@ def test_defaults_and_roundtrip():
     r3 = parse(text_input=PROMPT, temperature_min=np.float32(0.25), temperature_max=np.float32(1.5),
                adaptive_stopping=False, stream_drafts=True, exclude_input_in_output=True)
     assert (r3.t_min, r3.t_max, r3.adaptive_stopping, r3.stream_drafts) == (0.25, 1.5, False, True)
-    r2 = parse(text_input=PROMPT, max_tokens=np.int32(96), seed=np.int64(7), stream=True, max_denoising_steps=np.int32(5),
-               entropy_bound=np.float32(0.5), ignore_eos=True, infill="0 1 _ _")
+    r2 = parse(text_input=PROMPT, max_tokens=np.int32(96), seed=np.uint64(7), stream=True, max_denoising_steps=np.int32(5),
+               entropy_bound=np.float32(0.5), ignore_eos=True, infill="0 1 _ _", top_logprobs=np.int32(3),
+               return_num_input_tokens=True, top_p=np.float32(1), frequency_penalty=np.float32(0))
     assert Request.from_json(r2.to_json()) == r2
     assert (r2.max_tokens, r2.seed, r2.stream, r2.max_denoising_steps, r2.ignore_eos) == (96, 7, True, 5, True)
+    assert (r2.logprobs, r2.return_num_input_tokens, r2.return_num_output_tokens) == (3, True, False)
+    assert parse(text_input=PROMPT, return_logprobs=True).logprobs == 0 and r3.logprobs is None
+    assert parse(text_input=PROMPT, seed=np.uint64(2**64 - 1)).seed == 2**64 - 1
 
 
 @pytest.mark.parametrize("kw, pattern", [
@@ -60,10 +63,22 @@ def test_defaults_and_roundtrip():
     (dict(text_input=PROMPT, entropy_bound=np.float32(0)), r"entropy_bound must be a finite number > 0 \(got 0\.0\)"),
     (dict(text_input=PROMPT, entropy_bound=np.float32("nan")), r"entropy_bound must be a finite number > 0 \(got nan\)"),
     (dict(text_input=PROMPT, infill="no holes"), r"infill must be a canvas template with at least one '_' hole"),
-    (dict(text_input=PROMPT, temperature=np.float32(1)), r"unknown input\(s\) 'temperature'; accepted: text_input"),
+    (dict(text_input=PROMPT, top_k=np.int32(1)), r"unknown input\(s\) 'top_k'; accepted: text_input"),
+    (dict(text_input=PROMPT, temperature=np.float32(2.5)), r"temperature must be a finite number >= 0 and <= 2 "
+                                                           r"\(got 2\.5\) \(the OpenAI range\)"),
+    (dict(text_input=PROMPT, temperature=np.float32(0.5), temperature_max=np.float32(0.9)),
+     r"either temperature \(OpenAI style\) or temperature_min/temperature_max, not both"),
+    (dict(text_input=PROMPT, temperature_min=np.float32(0), temperature_max=np.float32(1e-45)),
+     r"temperature_max must be a finite number >= 0\.01 \(got 1\.4\d*e-45\); below 0\.01 the scaled logits "
+     r"overflow"),
+    (dict(text_input=PROMPT, top_p=np.float32(0.9)), r"top_p=0\.9 is not supported by DiffusionGemma's canvas sampler"),
+    (dict(text_input=PROMPT, presence_penalty=np.float32(1)), r"presence_penalty=1 is not supported"),
+    (dict(text_input=PROMPT, top_logprobs=np.int32(6)), r"top_logprobs must be an integer in 0\.\.5 \(got 6\)"),
+    (dict(text_input=PROMPT, max_tokens=np.int32(32), infill="0 1" + " _" * 40),
+     r"infill template has 83 tokens, past the 1 canvas\(es\) of 32 that max_tokens=32 gives"),
     (dict(text_input=PROMPT, temperature_min=np.float32(0.9)), r"temperature_min < temperature_max \(got 0\.9\d* and "
                                                                r"0\.8; the checkpoint's defaults are 0\.4 and 0\.8"),
-    (dict(text_input=PROMPT, temperature_max=np.float32("inf")), r"temperature_max must be a finite number >= 0 "
+    (dict(text_input=PROMPT, temperature_max=np.float32("inf")), r"temperature_max must be a finite number >= 0\.01 "
                                                                   r"\(got inf\)"),
     (dict(text_input=PROMPT, temperature_min=np.float32(-1)), r"temperature_min must be a finite number >= 0"),
 ])
@@ -72,23 +87,57 @@ def test_request_errors_name_value_and_limit(kw, pattern):
         parse(**kw)
 
 
+def test_openai_temperature_maps_onto_the_range_and_a_rendered_prompt_is_taken_as_is():
+    """temperature T -> (T * 0.4 / 0.8, T): 0.8 is the checkpoint's own schedule; below 0.01 it is clamped."""
+    r = parse(text_input=PROMPT, temperature=np.float32(0.8))
+    assert (r.t_min, r.t_max) == pytest.approx((0.4, 0.8))
+    assert (parse(text_input=PROMPT, temperature=np.float32(1.5)).t_min) == pytest.approx(0.75)
+    assert (parse(text_input=PROMPT, temperature=np.float32(0)).t_max) == pytest.approx(0.01)
+    rendered = TOK.render_chat([{"role": "user", "content": PROMPT}])
+    assert rendered.startswith("<bos>") and list(parse(text_input=rendered).input_ids) == TOK.encode_chat(PROMPT)
+
+
+def test_stop_words_and_utf8_are_checked():
+    inputs = {"text_input": np.array([PROMPT.encode()], dtype=object),
+              "stop_words": np.array([[b"5", b"6 9"]], dtype=object)}
+    assert parse_request(inputs, LIMITS, TOK).stop_words == ("5", "6 9")
+    for bad, pattern in [(b"\xff\xfe", r"not valid UTF-8: byte 0xff at offset 0"),
+                         (b"\xed\xa0\x80", r"not valid UTF-8: byte 0xed"),  # an encoded surrogate
+                         (b"\xc0\x80", r"not valid UTF-8: byte 0xc0")]:  # an overlong NUL
+        with pytest.raises(RequestError, match=pattern):
+            parse(text_input=bad)
+        with pytest.raises(RequestError, match="infill is not valid UTF-8"):
+            parse(text_input=PROMPT, infill=b"_ " + bad)
+    with pytest.raises(RequestError, match=r"stop_words holds 17 sequences; at most 16"):
+        parse_request({**inputs, "stop_words": np.array([[b"x"] * 17], dtype=object)}, LIMITS, TOK)
+    with pytest.raises(RequestError, match=r"each stop word must be 1\.\.256 bytes"):
+        parse_request({**inputs, "stop_words": np.array([[b""]], dtype=object)}, LIMITS, TOK)
+
+
+def test_huge_prompt_refused_by_its_byte_length_before_tokenizing(monkeypatch):
+    def boom(*a, **k):
+        raise AssertionError("tokenized")
+
+    monkeypatch.setattr(TOK, "encode_chat", boom)
+    monkeypatch.setattr(TOK, "encode", boom)
+    with pytest.raises(RequestError, match=r"text_input has 10000000 bytes; cpu/bf16 holds at most 64 prompt tokens .* "
+                                           r"no token is longer than 16 bytes, so at most 1280 bytes can fit"):
+        parse(text_input=b"x" * 10_000_000)
+
+
 def test_two_values_in_one_input_refused():
     with pytest.raises(RequestError, match=r"max_tokens must hold exactly one value \(got 2"):
         parse_request({"text_input": np.array([PROMPT.encode()]), "max_tokens": np.array([1, 2], dtype=np.int32)},
-                      LIMITS, TOK.encode_chat)
+                      LIMITS, TOK)
 
 
-def test_limits_from_parameters_and_response_shapes():
-    params = {"target": "cpu/bf16", "max_prompt": "64", "max_context": "256", "canvas_length": "32",
-              "max_denoising_steps": "48", "default_max_tokens": "32", "default_entropy_bound": "0.1",
-              "default_t_min": "0.4", "default_t_max": "0.8"}
-    assert Limits.from_parameters(params) == LIMITS
-    with pytest.raises(RequestError, match="lacks parameter 'max_prompt'; re-render with `make repo`"):
-        Limits.from_parameters({k: v for k, v in params.items() if k != "max_prompt"})
-    r = response([5, 6], 1, 2, [3, 4], 2.5)
-    assert r["output_ids"].dtype == np.int64 and r["steps_per_canvas"].tolist() == [3, 4]
-    assert set(r) == {"output_ids", "canvas_index", "canvases", "steps_per_canvas", "tokens_per_forward", "is_draft"}
-    assert not r["is_draft"][0] and response([7], 0, 0, [1], 0.0, draft=True)["is_draft"][0]
+def test_limits_from_parameters():
+    p = {"target": "cpu/bf16", "max_prompt": "64", "max_context": "256", "canvas_length": "32",
+         "max_denoising_steps": "48", "default_max_tokens": "32", "default_entropy_bound": "0.1",
+         "default_t_min": "0.4", "default_t_max": "0.8"}
+    assert Limits.from_parameters(p) == LIMITS
+    with pytest.raises(RequestError, match=r"model config lacks parameter 'max_prompt'; re-render with `make repo`"):
+        Limits.from_parameters({k: v for k, v in p.items() if k != "max_prompt"})
 
 
 @pytest.mark.parametrize("gpu", sorted(PROFILES))
@@ -105,6 +154,11 @@ def test_render_every_profile(tmp_path, gpu):
             assert "${" not in text and f'name: "{m}"' in text
         top = (root / "models" / "dgemma" / "config.pbtxt").read_text()
         assert "model_transaction_policy { decoupled: true }" in top and 'backend: "python"' in top
+        assert "max_batch_size: 1\n" in top and "dynamic_batching" not in top  # the model batches in flight itself
+        assert '{ name: "seed" data_type: TYPE_UINT64 dims: [ 1 ] optional: true }' in top
+        assert '{ name: "stop_words" data_type: TYPE_STRING dims: [ -1 ] optional: true }' in top
+        assert '{ name: "top_logprob_ids" data_type: TYPE_INT64 dims: [ -1, -1 ] }' in top
+        assert f'key: "prefill_chunk" value: {{ string_value: "{2 * 32}" }}' in top
         assert _io_names(top, "input") == list(INPUTS) and _io_names(top, "output") == list(OUTPUTS)
         assert f'key: "max_prompt" value: {{ string_value: "{PROFILES[gpu].max_prompt}" }}' in top
         assert f'key: "max_batch" value: {{ string_value: "{PROFILES[gpu].max_batch}" }}' in top

@@ -7,8 +7,7 @@ from __future__ import annotations
 
 import functools
 
-from ...core.errors import DgemmaError
-from ..slots import Busy
+from ...core.errors import Busy, DgemmaError
 
 TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: "invalid_request_error",
          405: "invalid_request_error", 408: "invalid_request_error", 413: "invalid_request_error",

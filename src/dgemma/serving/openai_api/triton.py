@@ -122,12 +122,13 @@ class TritonBridge:
             dtype = self.info.inputs[name]
             t = req.inputs.add()
             t.name, t.datatype = name, dtype
+            # the dgemma model has max_batch_size 1: a leading batch dim of 1 ([1, 1], or [1, n] for a list)
             if dtype == "BYTES":
                 values = value if isinstance(value, list) else [value]
-                t.shape.append(len(values))
+                t.shape.extend([1, len(values)])
                 req.raw_input_contents.append(_bytes_tensor(values))
             else:
-                t.shape.append(1)
+                t.shape.extend([1, 1])
                 req.raw_input_contents.append(np.array([value], dtype=NUMPY[dtype]).tobytes())
         return req
 

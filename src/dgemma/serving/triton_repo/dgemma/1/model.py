@@ -1,24 +1,25 @@
-"""dgemma (decoupled): LLM-shaped request -> dgemma.generation.sampler -> text, with a backend built once.
+"""dgemma (decoupled): LLM-shaped request -> a row of the in-flight batch -> text, with a backend built once.
 
-Thin glue: validation (dgemma.serving.request), the loop (.loop), slots (.slots) and metrics (.metrics) live in the
-package; this file only moves tensors, starts one thread per request (execute() returns at once; the thread sends
-the responses), creates the custom metrics and maps errors: a bad request is INVALID_ARG with its message, a full
+Thin glue: validation (dgemma.serving.request), the request's generation and responses (.loop.Job), the step-level
+scheduler (.scheduler) and the metrics (.metrics) live in the package; this file only moves tensors, starts one
+thread per request (execute() returns at once; that thread waits for its row, the scheduler thread sends the
+responses), creates the custom metrics and maps errors: a bad request is INVALID_ARG with its message, a full
 queue UNAVAILABLE, anything else (a backend or graph-model fault) INTERNAL with one line; the traceback goes to the
-server log only. Cancellation (client gone / stream cancelled) is polled before every denoising step and while a
-request waits for a slot."""
+server log only. Cancellation (client gone / stream cancelled) is checked at every step and while queued."""
 
 import threading
+import time
 import traceback
 
 import triton_python_backend_utils as pb_utils
 
 from dgemma.core.contract import MODEL_INPUTS
-from dgemma.core.errors import RequestError
+from dgemma.core.errors import Busy, RequestError
 from dgemma.runtime.bls_backend import BlsError
-from dgemma.serving.loop import load_engine, model_parameters, serve, text_response
+from dgemma.serving.loop import Job, load_engine, model_parameters
 from dgemma.serving.metrics import METRICS, Recorder
 from dgemma.serving.request import Limits, parse_request
-from dgemma.serving.slots import Busy, Slots
+from dgemma.serving.scheduler import Scheduler
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 
@@ -30,12 +31,13 @@ class TritonPythonModel:
         device_id = args.get("model_instance_device_id") if args.get("model_instance_kind") == "GPU" else None
         self.engine = load_engine(params, device_id=int(device_id) if device_id is not None else None)
         self.tok = self.engine.tokenizer
-        self.slots = Slots(int(params["max_batch"]), int(params["max_queued"]))
         kinds = {"histogram": pb_utils.MetricFamily.HISTOGRAM, "counter": pb_utils.MetricFamily.COUNTER,
                  "gauge": pb_utils.MetricFamily.GAUGE}  # not defined while Triton auto-completes the config
         self.families = {name: pb_utils.MetricFamily(name=name, description=desc, kind=kinds[kind])
                          for name, (kind, desc, _b) in METRICS.items()}
         self.recorder = Recorder(self._metric)
+        self.scheduler = Scheduler(self.engine.backend, int(params["max_batch"]), int(params["max_queued"]),
+                                   self.recorder, int(params["prefill_chunk"]), pb_utils.Logger.log_info)
         self.threads = set()
 
     def _metric(self, name, labels):
@@ -46,20 +48,22 @@ class TritonPythonModel:
 
     def execute(self, requests):
         for r in requests:
-            t = threading.Thread(target=self._run, args=(r,), daemon=True)
+            t = threading.Thread(target=self._run, args=(r, time.perf_counter()), daemon=True)
             self.threads.add(t)
             t.start()
         return None
 
-    def _run(self, r):
+    def _run(self, r, arrived):
         sender = r.get_response_sender()
 
         def send(tensors):
-            out = text_response(tensors, self.tok)
-            sender.send(pb_utils.InferenceResponse([pb_utils.Tensor(k, v) for k, v in out.items()]))
+            sender.send(pb_utils.InferenceResponse([pb_utils.Tensor(k, v) for k, v in tensors.items()]))
 
         def fail(message, code):
-            sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(message, code)), flags=FINAL)
+            try:
+                sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(message, code)), flags=FINAL)
+            except Exception as e:  # the client is gone (cancelled stream, closed connection): nothing to tell
+                pb_utils.Logger.log_info(f"dgemma request {r.request_id()!r}: could not send the error: {e}")
 
         try:
             inputs = {}
@@ -67,24 +71,26 @@ class TritonPythonModel:
                 t = pb_utils.get_input_tensor_by_name(r, name)
                 if t is not None:
                     inputs[name] = t.as_numpy()
-            req = parse_request(inputs, self.limits, self.tok.encode_chat)
-            serve(self.engine, req, send, sender.is_cancelled, self.slots, self.recorder, pb_utils.Logger.log_info)
-            sender.send(flags=FINAL)
+            req = parse_request(inputs, self.limits, self.tok)
+            self.scheduler.submit(Job(req, self.engine, send, arrived), sender.is_cancelled)
+            sender.send(flags=FINAL)  # also after a cancellation: the final flag releases the request
         except Busy as e:
             fail(f"Busy: {e}", pb_utils.TritonError.UNAVAILABLE)
         except RequestError as e:
             fail(f"{type(e).__name__}: {e}", pb_utils.TritonError.INVALID_ARG)
         except BlsError as e:
-            pb_utils.Logger.log_error(f"dgemma request {r.request_id()!r}:\n{traceback.format_exc()}")
+            pb_utils.Logger.log_error(f"dgemma request {r.request_id()!r}: {e!r}")
             fail(f"graph model unavailable (request {r.request_id()!r}): {str(e).splitlines()[0][:200]}",
                  pb_utils.TritonError.UNAVAILABLE)
-        except Exception:
-            pb_utils.Logger.log_error(f"dgemma request {r.request_id()!r}:\n{traceback.format_exc()}")
+        except Exception as e:
+            tb = "".join(traceback.format_exception(e))
+            pb_utils.Logger.log_error(f"dgemma request {r.request_id()!r}:\n{tb}")
             fail(f"internal error in dgemma (request {r.request_id()!r}); see server log",
                  pb_utils.TritonError.INTERNAL)
         finally:
             self.threads.discard(threading.current_thread())
 
     def finalize(self):
+        self.scheduler.close()
         for t in list(self.threads):
             t.join(timeout=5)

@@ -9,7 +9,7 @@ from .common import CHECKPOINT_HELP
 
 def cmd_repo(args) -> int:
     root = render(args.gpu, args.precision, args.checkpoint, args.out, backend=args.backend, engine=args.engine,
-                  max_batch=args.max_batch, backends=not args.config_only)
+                  max_batch=args.max_batch, backends=not args.config_only, ensemble=args.ensemble)
     names = sorted(p.name for p in (root / "models").iterdir())
     print(f"wrote {root}/models ({', '.join(names)})" + ("" if args.config_only else f" and {root}/backends"))
     return 0
@@ -27,6 +27,10 @@ def add_render_args(p) -> None:
                    help="what computes the encoder/denoiser models (auto: tensorrt_plan where Triton has the "
                         "tensorrt backend, onnxruntime on GPU=cpu, else torch)")
     p.add_argument("--max-batch", type=int, help="canvases in flight (default GpuProfile.max_batch)")
+    p.add_argument("--ensemble", action="store_true",
+                   help="tensorrtllm_backend's layout instead of the decoupled `dgemma` model: a model `ensemble` "
+                        "(preprocess -> canvas_loop -> postprocess) with the same inputs and outputs; a cancelled "
+                        "stream's row then runs to its end (Triton 2.51 does not cancel ensemble steps)")
 
 
 def add_parser(sub) -> None:

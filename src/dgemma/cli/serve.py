@@ -22,7 +22,7 @@ def cmd_serve(args) -> int:
 
     signal.signal(signal.SIGTERM, interrupt)
     root = render(args.gpu, args.precision, args.checkpoint, backend=args.backend, engine=args.engine,
-                  max_batch=args.max_batch)
+                  max_batch=args.max_batch, ensemble=args.ensemble)
     srv = Server(root, http_address=args.http_address, grpc_address=args.grpc_address,
                  metrics_address=args.metrics_address)
     if srv.http_address != LOOPBACK:

@@ -230,11 +230,21 @@ MODEL_OUTPUTS = {
     "finish_reason": ("TYPE_STRING", [1]),  # in the last response: "stop" (EOS or a stop sequence) | "length"
     "output_token_ids": ("TYPE_INT64", [-1]),  # with return_logprobs: the tokens of this response's text
     "output_logprobs": ("TYPE_FP32", [-1]),  # their log-probabilities under the step that fixed them
-    "top_logprob_ids": ("TYPE_INT64", [-1, -1]),  # [tokens, top_logprobs]
-    "top_logprobs": ("TYPE_FP32", [-1, -1]),
+    "output_top_logprob_ids": ("TYPE_INT64", [-1, -1]),  # [tokens, top_logprobs]; not named like the input
+    "output_top_logprobs": ("TYPE_FP32", [-1, -1]),  # top_logprobs: an ensemble has one tensor namespace
     "num_input_tokens": ("TYPE_UINT32", [1]),  # with return_num_input_tokens: prompt tokens (every response)
     "num_output_tokens": ("TYPE_UINT32", [1]),  # with return_num_output_tokens: tokens in this response
 }
+# The `ensemble` rendering (tooling that expects tensorrtllm_backend's layout): the ensemble takes MODEL_INPUTS and
+# answers MODEL_OUTPUTS through three steps: `preprocess` (validation, chat template, tokens -> the request as
+# JSON), `canvas_loop` (the scheduler: token ids instead of text, every output in every response) and
+# `postprocess` (token ids -> text_output).
+ENSEMBLE = "ensemble"
+ENSEMBLE_STEPS = ("preprocess", "canvas_loop", "postprocess")
+REQUEST = "request"  # preprocess -> canvas_loop: dgemma.serving.request.Request as JSON
+OUTPUT_IDS = "output_ids"  # canvas_loop -> postprocess: the response's tokens (a draft's whole canvas)
+CANVAS_LOOP_OUTPUTS = {OUTPUT_IDS: ("TYPE_INT64", [-1]),
+                       **{k: v for k, v in MODEL_OUTPUTS.items() if k != "text_output"}}
 # Triton config type -> (wire datatype, numpy dtype name) for clients
 WIRE_DTYPES = {"TYPE_STRING": ("BYTES", "object"), "TYPE_INT32": ("INT32", "int32"), "TYPE_INT64": ("INT64", "int64"),
                "TYPE_BOOL": ("BOOL", "bool"), "TYPE_FP32": ("FP32", "float32"), "TYPE_UINT32": ("UINT32", "uint32"),

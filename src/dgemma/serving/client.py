@@ -97,7 +97,7 @@ def request(url: str, prompt: str, model: str = MODEL, timeout_s: float = 120.0,
 def decode_result(result) -> dict:
     """One response's tensors -> {text_output, canvas_index, canvases, steps_per_canvas, tokens_per_forward,
     is_draft} plus, when the response carries them, finish_reason, num_input_tokens / num_output_tokens and
-    output_token_ids / output_logprobs / top_logprob_ids / top_logprobs (lists)."""
+    output_token_ids / output_logprobs / output_top_logprob_ids / output_top_logprobs (lists)."""
     names = {o.name for o in result.get_response().outputs}
     d = {"text_output": result.as_numpy("text_output").reshape(-1)[0].decode("utf-8")}
     for name in ("canvas_index", "canvases"):
@@ -113,7 +113,7 @@ def decode_result(result) -> dict:
     for name in ("output_token_ids", "output_logprobs"):
         if name in names:
             d[name] = result.as_numpy(name).reshape(-1).tolist()
-    for name in ("top_logprob_ids", "top_logprobs"):
+    for name in ("output_top_logprob_ids", "output_top_logprobs"):
         if name in names:
             a = result.as_numpy(name)
             d[name] = a.reshape(a.shape[-2:]).tolist()

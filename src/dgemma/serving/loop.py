@@ -37,8 +37,11 @@ class Job:
     """A request's generation and its responses. `send(tensors)` hands a response (output name -> array) to
     Triton; the scheduler calls `on_step` / `on_canvas` from its thread and `finish` once the row leaves."""
 
-    def __init__(self, req: Request, engine, send: Callable[[dict], None], arrived: float | None = None):
-        self.req, self.engine, self._send = req, engine, send
+    def __init__(self, req: Request, engine, send: Callable[[dict], None], arrived: float | None = None,
+                 ids: bool = False):
+        """ids: the ensemble's canvas_loop step: token ids (`output_ids`) instead of text, and every output of
+        CANVAS_LOOP_OUTPUTS in every response (an ensemble passes on what each step produced)."""
+        self.req, self.engine, self._send, self.ids = req, engine, send, ids
         self.tok = engine.tokenizer
         backend = engine.backend
         cfg = engine.sampler.replace(max_new_tokens=req.max_tokens, max_denoising_steps=req.max_denoising_steps,
@@ -68,7 +71,8 @@ class Job:
     def on_step(self, ev) -> None:
         if self.req.stream and self.req.stream_drafts:
             steps = self.gen.steps_per_canvas[: ev.canvas] + [ev.step]  # the canvases so far, this one's step
-            self.send(self._tensors(self.tok.decode(ev.draft[0].tolist()), ev.canvas, ev.canvas, steps, draft=True))
+            draft = ev.draft[0].tolist()
+            self.send(self._tensors(self.tok.decode(draft), ev.canvas, ev.canvas, steps, draft=True, toks=draft))
 
     def on_canvas(self, i: int, committed: torch.Tensor) -> None:
         if self.first_canvas_s is None:
@@ -156,9 +160,25 @@ class Job:
                 out["output_token_ids"] = np.asarray(toks, dtype=np.int64)
                 out["output_logprobs"] = np.asarray(chosen, dtype=np.float32)
                 if k:
-                    out["top_logprob_ids"] = np.asarray(tids, dtype=np.int64).reshape(-1, k)
-                    out["top_logprobs"] = np.asarray(tlp, dtype=np.float32).reshape(-1, k)
+                    out["output_top_logprob_ids"] = np.asarray(tids, dtype=np.int64).reshape(-1, k)
+                    out["output_top_logprobs"] = np.asarray(tlp, dtype=np.float32).reshape(-1, k)
+        if self.ids:
+            out = self._every_output(out, toks or [], 0 if draft else len(toks or []))
         return {name: _batch(a) for name, a in out.items()}
+
+    def _every_output(self, out: dict, toks: list[int], n_out: int) -> dict:
+        """The canvas_loop step's response: output_ids for text_output (postprocess decodes them: after a stop
+        sequence, the kept tokens' text), the optional outputs always present."""
+        del out["text_output"]
+        n = np.array([n_out], dtype=np.uint32)
+        return {"output_ids": np.asarray(toks, dtype=np.int64), **out,
+                "finish_reason": out.get("finish_reason", np.array([b""], dtype=np.object_)),
+                "num_input_tokens": np.array([len(self.req.input_ids)], dtype=np.uint32),
+                "num_output_tokens": out.get("num_output_tokens", n),
+                "output_token_ids": out.get("output_token_ids", np.zeros(0, np.int64)),
+                "output_logprobs": out.get("output_logprobs", np.zeros(0, np.float32)),
+                "output_top_logprob_ids": out.get("output_top_logprob_ids", np.zeros((0, 0), np.int64)),
+                "output_top_logprobs": out.get("output_top_logprobs", np.zeros((0, 0), np.float32))}
 
     def send(self, tensors: dict) -> None:
         self._send(tensors)

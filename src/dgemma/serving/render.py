@@ -25,7 +25,7 @@ from pathlib import Path
 
 from .. import __version__
 from ..core import contract
-from ..core.contract import MODEL_INPUTS, MODEL_OUTPUTS, io_block
+from ..core.contract import CANVAS_LOOP_OUTPUTS, ENSEMBLE, ENSEMBLE_STEPS, MODEL_INPUTS, MODEL_OUTPUTS, OUTPUT_IDS, io_block
 from ..core.errors import ArtifactError, ConfigError
 from ..core.layout import DEFAULT_CHECKPOINT, PACKAGE, TRITON_TEMPLATES, current
 from ..core.manifest import check_engines
@@ -35,10 +35,12 @@ from .graph_models import check_graph_artifacts
 from .loop import BACKENDS
 
 SRC = PACKAGE.parent  # the directory the stub must import dgemma from
-MODELS = (contract.MODEL, contract.ENCODER, contract.DENOISER)  # every model a repository can hold
+MODELS = (contract.MODEL, contract.ENCODER, contract.DENOISER)  # every model a default repository can hold
+ENSEMBLE_MODELS = (*ENSEMBLE_STEPS, ENSEMBLE)  # the --ensemble rendering instead of `dgemma`
 ENGINES = ("auto", "onnxruntime", "torch", "tensorrt")  # what computes the encoder/denoiser models
 GRAPH_TEMPLATE = {"onnxruntime": "graph_python", "torch": "graph_python", "tensorrt": "graph_tensorrt"}
-TEMPLATE_DIRS = ("dgemma", "graph_python", "graph_tensorrt")  # under triton_repo/
+TEMPLATE_DIRS = ("dgemma", "graph_python", "graph_tensorrt", *ENSEMBLE_MODELS)  # under triton_repo/
+MODEL_PY_FROM = {"canvas_loop": "dgemma"}  # the canvas_loop step runs the dgemma model's model.py
 CPU_BACKEND = "ort"  # the canvas loop's default on GPU=cpu: measured faster than bls on the tiny model (README, serving)
 QUEUE_DELAY_US = 0  # dynamic batcher: batch only what is already queued (measured best on the tiny model)
 MODEL_PY_HEADER = ("# rendered by `dgemma repo`: import dgemma from the source tree that rendered this repository\n"
@@ -90,12 +92,30 @@ def graph_models_rendered(backend: str, engine: str) -> bool:
     return backend == "bls" or engine == "onnxruntime"
 
 
+def _inputs_block() -> str:
+    return ",\n".join(f'  {{ name: "{name}" data_type: {dtype} dims: [ {dims} ]{" optional: true" if optional else ""} }}'
+                      for name, (dtype, optional, dims) in MODEL_INPUTS.items())
+
+
+def _outputs_block(outputs: dict) -> str:
+    return ",\n".join(f'  {{ name: "{name}" data_type: {dtype} dims: [ {", ".join(map(str, dims))} ] }}'
+                      for name, (dtype, dims) in outputs.items())
+
+
 def _io_blocks() -> dict[str, str]:
-    inputs = [f'  {{ name: "{name}" data_type: {dtype} dims: [ {dims} ]{" optional: true" if optional else ""} }}'
-              for name, (dtype, optional, dims) in MODEL_INPUTS.items()]
-    outputs = [f'  {{ name: "{name}" data_type: {dtype} dims: [ {", ".join(map(str, dims))} ] }}'
-               for name, (dtype, dims) in MODEL_OUTPUTS.items()]
-    return {"inputs": ",\n".join(inputs), "outputs": ",\n".join(outputs)}
+    return {"inputs": _inputs_block(), "outputs": _outputs_block(MODEL_OUTPUTS)}
+
+
+def _ensemble_values(common: dict, params: dict) -> dict[str, dict]:
+    """Template values of the --ensemble models: each step's IO and the ensemble's tensor maps."""
+    pre = "\n".join(f'      input_map {{ key: "{n}" value: "{n}" }}' for n in MODEL_INPUTS)
+    loop = "\n".join(f'      output_map {{ key: "{n}" value: "{"_" + n if n == OUTPUT_IDS else n}" }}'
+                     for n in CANVAS_LOOP_OUTPUTS)
+    return {"preprocess": {**common, "inputs": _inputs_block(), "parameters": _parameters(params)},
+            "canvas_loop": {**common, "outputs": _outputs_block(CANVAS_LOOP_OUTPUTS),
+                            "parameters": _parameters({**params, "step": "canvas_loop"})},
+            "postprocess": {**common, "parameters": _parameters(params)},
+            ENSEMBLE: {**common, **_io_blocks(), "preprocess_map": pre, "canvas_loop_map": loop}}
 
 
 def _parameters(values: dict[str, object]) -> str:
@@ -107,7 +127,7 @@ def render(gpu: str = "cpu", precision: str = "bf16", checkpoint: str | Path | N
            out: str | Path | None = None, backend: str | None = None, threads: int | None = 1,
            templates: Path = TRITON_TEMPLATES, backends: bool = True,
            engine: str = "auto", onnx_precision: str | None = None, max_batch: int | None = None,
-           queue_delay_us: int = QUEUE_DELAY_US, prefill_chunk: int | None = None) -> Path:
+           queue_delay_us: int = QUEUE_DELAY_US, prefill_chunk: int | None = None, ensemble: bool = False) -> Path:
     """Write the model repository and backend directory; returns the output root (…/<gpu>/<precision>).
 
     backend: how the canvas loop computes (ort | torch in-process, bls through the encoder/denoiser models; default
@@ -117,13 +137,16 @@ def render(gpu: str = "cpu", precision: str = "bf16", checkpoint: str | Path | N
     second copy of the weights next to the in-process backend (`graph_models_rendered`).
     onnx_precision: which build/onnx/<p>/ the ONNX Runtime models read (default fp32 on the CPU profile, which
     ORT's CPU provider runs, else the target precision). max_batch: override GpuProfile.max_batch (requests in
-    flight = rows of the dgemma model's scheduler = the graphs' max_batch_size)."""
+    flight = rows of the dgemma model's scheduler = the graphs' max_batch_size). ensemble: render tensorrtllm_backend's
+    layout instead of the `dgemma` model (ENSEMBLE_MODELS: preprocess -> canvas_loop -> postprocess, the model
+    `ensemble` with the dgemma model's inputs and outputs; see its config for the cancellation limit)."""
     target = resolve(gpu, precision)
     engine = pick_engine(engine, target.gpu)
     backend = backend or (CPU_BACKEND if target.gpu.sm == 0 else "bls" if engine == "tensorrt" else "torch")
     if backend not in BACKENDS:
         raise ConfigError(f"unknown canvas loop backend {backend!r}; valid: {', '.join(BACKENDS)}.")
-    rendered = ("dgemma", *(contract.GRAPHS if graph_models_rendered(backend, engine) else ()))
+    with_graphs = graph_models_rendered(backend, engine)
+    rendered = (*(ENSEMBLE_MODELS if ensemble else ("dgemma",)), *(contract.GRAPHS if with_graphs else ()))
     ck = Path(checkpoint).resolve() if checkpoint else DEFAULT_CHECKPOINT
     if not (ck / "config.json").exists():
         raise ArtifactError(f"{ck}/config.json not found: --checkpoint must be a DiffusionGemma checkpoint dir.")
@@ -152,14 +175,14 @@ def render(gpu: str = "cpu", precision: str = "bf16", checkpoint: str | Path | N
         "prefill_chunk": chunk,
     }
     common = {"target": target.key, "max_batch": batch, "queue_delay_us": queue_delay_us}
-    values = {"dgemma": {**common, "parameters": _parameters(params), **_io_blocks()}}
+    values = {"dgemma": {**common, "parameters": _parameters(params), **_io_blocks()}, **_ensemble_values(common, params)}
     for g in contract.GRAPHS:
         gp = {**params, "graph": g, "runtime": engine}
         values[g] = {**common, "name": g, "graph": g, "runtime": engine, "parameters": _parameters(gp),
                      "inputs": io_block(contract.inputs(g, mcfg, graph_precision)),
                      "outputs": io_block(contract.outputs(g, mcfg, graph_precision)),
                      "instance_kind": "KIND_CPU" if target.gpu.sm == 0 or engine == "onnxruntime" else "KIND_GPU"}
-    if engine == "tensorrt" and len(rendered) > 1 and backends:
+    if engine == "tensorrt" and with_graphs and backends:
         check_engines(engine_dir)  # refuses missing or stale engines (their ONNX changed since the build)
     models = root / "models"
     if models.exists():
@@ -171,14 +194,14 @@ def render(gpu: str = "cpu", precision: str = "bf16", checkpoint: str | Path | N
         assert "${" not in text, f"{src}/config.pbtxt.tmpl: unrendered placeholder left"
         (models / name / "1").mkdir(parents=True)
         (models / name / "config.pbtxt").write_text(text)
-        if (src / "1" / "model.py").exists():
-            (models / name / "1" / "model.py").write_text(MODEL_PY_HEADER.format(src=str(SRC))
-                                                          + (src / "1" / "model.py").read_text())
+        code = templates / MODEL_PY_FROM.get(name, src.name) / "1" / "model.py"
+        if code.exists():
+            (models / name / "1" / "model.py").write_text(MODEL_PY_HEADER.format(src=str(SRC)) + code.read_text())
         if name in contract.GRAPHS and engine == "tensorrt":
             (models / name / "1" / "model.plan").symlink_to(engine_dir / f"{name}.plan")
     if not backends:
         return root
-    if backend == "ort" or (engine == "onnxruntime" and len(rendered) > 1):
+    if backend == "ort" or (engine == "onnxruntime" and with_graphs):
         check_graph_artifacts(onnx_dir)
     wd = wheel_dir()
     bk = root / "backends" / "python"
@@ -191,7 +214,7 @@ def render(gpu: str = "cpu", precision: str = "bf16", checkpoint: str | Path | N
     if not stub.exists():
         raise ArtifactError(f"{stub} not found: nvidia-pytriton 0.7.0 ships stubs for Python 3.8..3.13 only.")
     shutil.copy2(stub, bk / stub.name)
-    if engine == "tensorrt" and len(rendered) > 1:
+    if engine == "tensorrt" and with_graphs:
         trt = triton_backend_dirs().get("tensorrt")
         if trt is None:
             raise ArtifactError("engine 'tensorrt' needs Triton's tensorrt backend (an NGC tritonserver build); "

@@ -107,6 +107,9 @@ class Server:
     log_path: Path | None = None
     proc: subprocess.Popen | None = field(default=None, repr=False)
 
+    def __post_init__(self):
+        self.root = Path(self.root)
+
     @property
     def grpc_url(self) -> str:
         return f"{connect_host(self.grpc_address)}:{self.grpc_port}"
@@ -135,7 +138,7 @@ class Server:
         if self.proc is not None and self.proc.poll() is None:
             return self  # already running (e.g. `with Server(r).start() as s`): never orphan a second server
         models, backends = self.root / "models", self.root / "backends"
-        if not (models / "dgemma" / "config.pbtxt").exists():
+        if not any((models / m / "config.pbtxt").exists() for m in ("dgemma", "ensemble")):
             raise ArtifactError(f"{models} is not a rendered repository. Render it with: make repo")
         if not all((self.http_port, self.grpc_port, self.metrics_port)):
             self.http_port, self.grpc_port, self.metrics_port = free_ports(3)
@@ -164,6 +167,8 @@ class Server:
             return False
 
     def log_tail(self, n: int = 30) -> str:
+        if self.log_path is None:
+            return "(no log: the server was not started)"
         try:
             return "\n".join(Path(self.log_path).read_text(errors="replace").splitlines()[-n:])
         except OSError:

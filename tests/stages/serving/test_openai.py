@@ -473,6 +473,8 @@ def test_error_mapping_of_model_answers():
     assert (e.status, e.headers, e.code) == (503, {"Retry-After": "1"}, "model_busy")
     e = from_triton("RequestError: max_tokens must be an integer >= 1 (got 0).", "r1")
     assert (e.status, e.param, e.message) == (400, "max_tokens", "max_tokens must be an integer >= 1 (got 0).")
+    e = from_triton("in ensemble 'ensemble', RequestError: text_input is empty (got '').", "r1")  # --ensemble
+    assert (e.status, e.param, e.message) == (400, "prompt", "text_input is empty (got '').")
     assert from_triton("Request for unknown model: 'dgemma' is not found", "r1").status == 503
     e = from_triton("internal error in dgemma (request 'r1'); see server log\nTraceback ...", "r1")
     assert e.status == 500 and "\n" not in e.message and "Traceback" not in e.message

@@ -1,6 +1,6 @@
 """OpenAI features that rest on the `dgemma` model's side of the contract: prompts that start with <bos> taken as
 fully rendered, `stop_words`, `return_logprobs` / `top_logprobs` (output_token_ids, output_logprobs,
-top_logprob_ids, top_logprobs), `return_num_input_tokens` / `return_num_output_tokens`, `finish_reason` and the
+output_top_logprob_ids, output_top_logprobs), `return_num_input_tokens` / `return_num_output_tokens`, `finish_reason` and the
 OpenAI-style `temperature` (t_max = T, t_min = T * default_t_min / default_t_max).
 
 The module skips, naming what is missing, while the served model lacks those inputs/outputs (a repository
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 
 openai = pytest.importorskip("openai", reason="install the serving extra: pip install -e '.[serve]'")
@@ -17,7 +18,7 @@ openai = pytest.importorskip("openai", reason="install the serving extra: pip in
 SORT, SORTED = "sort: 3 1 4 1 5 9 2 6 5 3", "1 1 2 3 3 4 5 5 6 9"
 NEW_INPUTS = {"stop_words", "return_logprobs", "top_logprobs", "return_num_input_tokens", "return_num_output_tokens",
               "temperature"}
-NEW_OUTPUTS = {"output_token_ids", "output_logprobs", "top_logprob_ids", "top_logprobs", "num_input_tokens",
+NEW_OUTPUTS = {"output_token_ids", "output_logprobs", "output_top_logprob_ids", "output_top_logprobs", "num_input_tokens",
                "num_output_tokens", "finish_reason"}
 
 
@@ -163,3 +164,90 @@ def test_temperature_maps_onto_the_schedule(client):
     hot = client.completions.create(model="dgemma", seed=0, temperature=2.0, **kw).choices[0].text
     assert isinstance(hot, str)
     assert client.completions.create(model="dgemma", seed=0, temperature=0, **kw).choices[0].finish_reason
+
+
+def frontend_request(url: str, prompt: str, stream: bool, **extra) -> list:
+    """The request Triton's own OpenAI frontend builds for a non-vLLM model (triton-inference-server/server,
+    python/openai/openai_frontend/engine/utils/triton.py, _create_trtllm_generate_request): every tensor [1, 1]
+    with the batch dim, stop_words [1, n], seed uint64, the token counts asked for; sent here over gRPC with the
+    same shapes and dtypes (the frontend hands them to the in-process server API). -> the raw responses."""
+    import queue
+
+    import tritonclient.grpc as grpcclient
+    from tritonclient.utils import np_to_triton_dtype
+
+    tensors = {"text_input": np.array([[prompt.encode()]], dtype=np.object_),
+               "stream": np.bool_([[stream]]), "max_tokens": np.int32([[extra.pop("max_tokens", 32)]]),
+               "return_num_input_tokens": np.bool_([[True]]), "return_num_output_tokens": np.bool_([[True]]),
+               "exclude_input_in_output": np.bool_([[True]])}
+    if "stop" in extra:
+        tensors["stop_words"] = np.array([[s.encode() for s in extra.pop("stop")]], dtype=np.object_)
+    for name in ("top_p", "frequency_penalty", "presence_penalty", "temperature"):
+        if name in extra:
+            tensors[name] = np.float32([[extra.pop(name)]])
+    if "seed" in extra:
+        tensors["seed"] = np.uint64([[extra.pop("seed")]])
+    assert not extra, extra
+    inputs = []
+    for name, a in tensors.items():
+        t = grpcclient.InferInput(name, list(a.shape), "BYTES" if a.dtype == object else np_to_triton_dtype(a.dtype))
+        t.set_data_from_numpy(a)
+        inputs.append(t)
+    got: queue.Queue = queue.Queue()
+    c = grpcclient.InferenceServerClient(url)
+    c.start_stream(callback=lambda result, error: got.put((result, error)))
+    c.async_stream_infer("dgemma", inputs, enable_empty_final_response=True)
+    out = []
+    try:
+        while True:
+            result, error = got.get(timeout=60)
+            assert error is None, error
+            out.append(result)
+            if result.get_response().parameters["triton_final_response"].bool_param:
+                return out
+    finally:
+        c.stop_stream()
+        c.close()
+
+
+def _text(result) -> str:
+    a = result.as_numpy("text_output")
+    assert a.size == 1  # the frontend reads exactly one string (_to_string)
+    return a.reshape(-1)[0].decode()
+
+
+def _count(result, name) -> int:
+    a = result.as_numpy(name)
+    assert a.dtype == np.uint32 and a.size == 1  # read as one UINT32 (_get_usage_from_response)
+    return int(a.reshape(-1)[0])
+
+
+def test_tritons_openai_frontend_requests_are_answered(triton, tok):
+    """What a user who runs Triton's OpenAI frontend against our repository gets: the chat template rendered by the
+    frontend (transformers' apply_chat_template on the checkpoint's tokenizer_config.json: the same text as ours),
+    then the request shapes above. Non-streaming: one response with the text and usage, then the final flag (the
+    frontend accepts 1 or 2 responses); streaming: per-canvas pieces whose num_output_tokens add up to the whole."""
+    from transformers import AutoTokenizer
+
+    from dgemma.serving.client import request
+    from dgemma.tiny import DEFAULT_CHECKPOINT
+
+    messages = [{"role": "user", "content": SORT}]
+    prompt = AutoTokenizer.from_pretrained(str(DEFAULT_CHECKPOINT)).apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=True)
+    assert prompt == tok.render_chat(messages)
+    kw = dict(seed=2**63 + 5, temperature=0.8, top_p=1.0, frequency_penalty=0.0, presence_penalty=0.0,
+              max_tokens=64)
+    whole = frontend_request(triton.grpc_url, prompt, False, **kw)
+    assert len(whole) == 2 and not whole[1].get_response().outputs
+    text = _text(whole[0])
+    assert text == request(triton.grpc_url, prompt, seed=2**63 + 5, max_tokens=64)[-1]["text_output"]
+    assert text == SORTED
+    n_in, n_out = _count(whole[0], "num_input_tokens"), _count(whole[0], "num_output_tokens")
+    assert n_in == len(tok.encode(prompt)) and n_out == len(tok.encode(text))  # the EOS and pads not counted
+    pieces = [r for r in frontend_request(triton.grpc_url, prompt, True, **kw) if r.get_response().outputs]
+    assert "".join(_text(r) for r in pieces) == text
+    assert sum(_count(r, "num_output_tokens") for r in pieces) == n_out
+    assert {_count(r, "num_input_tokens") for r in pieces} == {n_in}
+    cut = frontend_request(triton.grpc_url, prompt, False, stop=["5 6"], **kw)
+    assert _text(cut[0]) == SORTED[: SORTED.index("5 6")]

@@ -42,8 +42,8 @@ def contract_response():
         tokens_per_forward=("FP32", np.array([8.0], np.float32)), is_draft=("BOOL", np.array([False])),
         output_token_ids=("INT64", np.array([10, 11, 12], np.int64)),
         output_logprobs=("FP32", np.array([-0.1, -0.2, -np.inf], np.float32)),
-        top_logprob_ids=("INT64", np.array([[10, 13], [11, 10], [13, 12]], np.int64)),
-        top_logprobs=("FP32", np.array([[-0.1, -3.0], [-0.2, -2.0], [-0.05, -9.0]], np.float32)),
+        output_top_logprob_ids=("INT64", np.array([[10, 13], [11, 10], [13, 12]], np.int64)),
+        output_top_logprobs=("FP32", np.array([[-0.1, -3.0], [-0.2, -2.0], [-0.05, -9.0]], np.float32)),
         num_input_tokens=("UINT32", np.array([30], np.uint32)), num_output_tokens=("UINT32", np.array([3], np.uint32)),
         finish_reason=("BYTES", np.array([b"length"], dtype=object)))
 

@@ -157,7 +157,7 @@ def test_render_every_profile(tmp_path, gpu):
         assert "max_batch_size: 1\n" in top and "dynamic_batching" not in top  # the model batches in flight itself
         assert '{ name: "seed" data_type: TYPE_UINT64 dims: [ 1 ] optional: true }' in top
         assert '{ name: "stop_words" data_type: TYPE_STRING dims: [ -1 ] optional: true }' in top
-        assert '{ name: "top_logprob_ids" data_type: TYPE_INT64 dims: [ -1, -1 ] }' in top
+        assert '{ name: "output_top_logprob_ids" data_type: TYPE_INT64 dims: [ -1, -1 ] }' in top
         assert f'key: "prefill_chunk" value: {{ string_value: "{2 * 32}" }}' in top
         assert _io_names(top, "input") == list(INPUTS) and _io_names(top, "output") == list(OUTPUTS)
         assert f'key: "max_prompt" value: {{ string_value: "{PROFILES[gpu].max_prompt}" }}' in top

@@ -51,6 +51,8 @@ def from_triton(message: str, request_id: str) -> ApiError:
     """A stream's error message -> ApiError: the model's request errors 400 (its message), "dgemma is full"
     503 + Retry-After, the model missing 503, anything else 500 with a one-line message (the caller logs it)."""
     invalid, busy = _model_error_names()
+    if message.startswith("in ensemble '"):  # the --ensemble rendering prefixes its steps' errors
+        message = message.split("', ", 1)[-1]
     name, sep, rest = message.partition(": ")
     if sep and name == busy:
         return ApiError(503, rest, code="model_busy", headers={"Retry-After": "1"})

@@ -191,6 +191,6 @@ def _decode(ir) -> Event:
         canvas_index=scalar("canvas_index", int) or 0, canvases=scalar("canvases", int) or 0,
         steps_per_canvas=[] if get("steps_per_canvas") is None else get("steps_per_canvas").reshape(-1).tolist(),
         tokens_per_forward=scalar("tokens_per_forward", float) or 0.0, draft=bool(scalar("is_draft", bool)),
-        token_ids=get("output_token_ids"), logprobs=get("output_logprobs"), top_ids=get("top_logprob_ids"),
-        top_logprobs=get("top_logprobs"), num_input_tokens=scalar("num_input_tokens", int),
+        token_ids=get("output_token_ids"), logprobs=get("output_logprobs"), top_ids=get("output_top_logprob_ids"),
+        top_logprobs=get("output_top_logprobs"), num_input_tokens=scalar("num_input_tokens", int),
         num_output_tokens=scalar("num_output_tokens", int), finish_reason=fr)

@@ -5,7 +5,10 @@ scheduler (.scheduler) and the metrics (.metrics) live in the package; this file
 thread per request (execute() returns at once; that thread waits for its row, the scheduler thread sends the
 responses), creates the custom metrics and maps errors: a bad request is INVALID_ARG with its message, a full
 queue UNAVAILABLE, anything else (a backend or graph-model fault) INTERNAL with one line; the traceback goes to the
-server log only. Cancellation (client gone / stream cancelled) is checked at every step and while queued."""
+server log only. Cancellation (client gone / stream cancelled) is checked at every step and while queued.
+
+The same file is the `ensemble` rendering's canvas_loop step (parameter step = canvas_loop): it takes the request
+that `preprocess` validated (input `request`, JSON) and answers token ids (`output_ids`) for `postprocess`."""
 
 import threading
 import time
@@ -13,12 +16,12 @@ import traceback
 
 import triton_python_backend_utils as pb_utils
 
-from dgemma.core.contract import MODEL_INPUTS
+from dgemma.core.contract import MODEL_INPUTS, REQUEST
 from dgemma.core.errors import Busy, RequestError
 from dgemma.runtime.bls_backend import BlsError
 from dgemma.serving.loop import Job, load_engine, model_parameters
 from dgemma.serving.metrics import METRICS, Recorder
-from dgemma.serving.request import Limits, parse_request
+from dgemma.serving.request import Limits, Request, parse_request
 from dgemma.serving.scheduler import Scheduler
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
@@ -28,6 +31,7 @@ class TritonPythonModel:
     def initialize(self, args):
         params = model_parameters(args)
         self.limits = Limits.from_parameters(params)
+        self.step = params.get("step") == "canvas_loop"  # the ensemble's canvas_loop step
         device_id = args.get("model_instance_device_id") if args.get("model_instance_kind") == "GPU" else None
         self.engine = load_engine(params, device_id=int(device_id) if device_id is not None else None)
         self.tok = self.engine.tokenizer
@@ -66,13 +70,16 @@ class TritonPythonModel:
                 pb_utils.Logger.log_info(f"dgemma request {r.request_id()!r}: could not send the error: {e}")
 
         try:
-            inputs = {}
-            for name in MODEL_INPUTS:
-                t = pb_utils.get_input_tensor_by_name(r, name)
-                if t is not None:
-                    inputs[name] = t.as_numpy()
-            req = parse_request(inputs, self.limits, self.tok)
-            self.scheduler.submit(Job(req, self.engine, send, arrived), sender.is_cancelled)
+            if self.step:
+                req = Request.from_json(pb_utils.get_input_tensor_by_name(r, REQUEST).as_numpy().reshape(-1)[0])
+            else:
+                inputs = {}
+                for name in MODEL_INPUTS:
+                    t = pb_utils.get_input_tensor_by_name(r, name)
+                    if t is not None:
+                        inputs[name] = t.as_numpy()
+                req = parse_request(inputs, self.limits, self.tok)
+            self.scheduler.submit(Job(req, self.engine, send, arrived, ids=self.step), sender.is_cancelled)
             sender.send(flags=FINAL)  # also after a cancellation: the final flag releases the request
         except Busy as e:
             fail(f"Busy: {e}", pb_utils.TritonError.UNAVAILABLE)

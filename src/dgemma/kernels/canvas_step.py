@@ -29,6 +29,7 @@ import triton.language as tl
 from torch import Tensor
 
 from . import aot
+from .head_sampler import V_FULL
 from .philox import INIT, K_INIT, K_RENOISE, RENOISE, philox_ref, uniform_index, uniform_index_ref
 
 
@@ -182,8 +183,6 @@ def step_update_ref(entropy, sample, argmax_new, canvas, argmax, hist, done, rng
 
 
 def aot_specs() -> list[aot.AotSpec]:
-    from .head_sampler import V_FULL
-
     sig = {"h_ptr": "*fp32", "samp_ptr": "*i64", "am_ptr": "*i64", "canvas_ptr": "*i64", "argmax_ptr": "*i64",
            "hist_ptr": "*i64", "done_ptr": "*i1", "tmpl_ptr": "*i64", "rng_ptr": "*i64", "acc_ptr": "*i1",
            "mean_ptr": "*fp32", "B": "i32", "bound": "fp32", "threshold": "fp32"} | {

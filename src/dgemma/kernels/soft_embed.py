@@ -29,7 +29,7 @@ import triton.language as tl
 from torch import Tensor
 
 from . import aot, configs
-from .head_sampler import E4M3_MAX, interpreting, round_bf16, round_e4m3
+from .head_sampler import E4M3_MAX, H_FULL, V_FULL, interpreting, quant_rows, round_bf16, round_e4m3
 
 PROBS_ROWS, PROBS_COLS = 8, 512  # normalisation block
 K_E4M3_MAX = tl.constexpr(E4M3_MAX)
@@ -180,8 +180,6 @@ def soft_embed(xb: Tensor, stats: Tensor, weight: Tensor, out: Tensor, done: Ten
 # -- torch reference ----------------------------------------------------------------------------------------------
 def soft_embed_ref(proc_bf16: Tensor, weight: Tensor, weight_scale: Tensor | None = None) -> Tensor:
     """bf16 E [V, H]: model.soft_embed's arithmetic. e4m3 E^T [H, V]: runtime.fast's Fp8Linear over the probs."""
-    from .head_sampler import quant_rows
-
     probs = proc_bf16.to(torch.bfloat16).softmax(dim=-1, dtype=torch.float32).to(torch.bfloat16)
     if weight.dtype == torch.float8_e4m3fn:
         h = weight.shape[0]
@@ -195,8 +193,6 @@ def soft_embed_ref(proc_bf16: Tensor, weight: Tensor, weight_scale: Tensor | Non
 
 # -- AOT ------------------------------------------------------------------------------------------------------------
 def aot_specs() -> list[aot.AotSpec]:
-    from .head_sampler import H_FULL, V_FULL
-
     specs = []
     for kernel, fp8 in (("soft_embed", False), ("soft_embed_fp8", True)):
         w = "*fp8e4nv" if fp8 else "*bf16"

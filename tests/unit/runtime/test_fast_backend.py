@@ -124,7 +124,7 @@ def test_ar_step_matches_native_encoder_logits():
 def test_counting_dispatch_equals_stable_sort(t, k, e, a):
     """The MoE dispatch by counting puts each (token, expert) pair where a stable sort by expert would, with
     every expert group padded to a multiple of `a` rows; combine() inverts it."""
-    from dgemma.runtime.fast import _combine_eager, _dispatch_eager, _scatter_rows_eager
+    from dgemma.runtime.fast.fp8 import _combine_eager, _dispatch_eager, _scatter_rows_eager
 
     g = torch.Generator().manual_seed(t + e)
     idx = torch.stack([torch.randperm(e, generator=g)[:k] for _ in range(t)])

@@ -23,6 +23,8 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .numerics import interpreting
+
 # shared memory a block may use (opt-in maximum), bytes: H100/H200 and B200 227 KiB, RTX 5090 / GB10 99 KiB
 SMEM_LIMIT = {90: 232448, 100: 232448, 120: 101376, 121: 101376}
 ARCH_NAME = {90: "sm_90a", 100: "sm_100a", 120: "sm_120a", 121: "sm_121a"}
@@ -106,9 +108,9 @@ def _compile_module(module: str) -> list[dict]:
 
 def gate(module: str) -> list[dict]:
     """Rows of every production config of a kernel module (`module.aot_specs()`), compiled for its architecture."""
-    if not os.environ.get("TRITON_INTERPRET"):
+    if not interpreting():
         return _compile_module(module)
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env = dict(os.environ, TRITON_INTERPRET="0")  # "0", not unset: dgemma.kernels would set it again without a GPU
     env["PYTHONPATH"] = os.pathsep.join([os.getcwd(), *sys.path])
     r = subprocess.run([sys.executable, "-m", "dgemma.kernels.aot", module], capture_output=True, text=True,
                        env=env, timeout=1800)

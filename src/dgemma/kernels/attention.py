@@ -32,8 +32,9 @@ and P). Split-K: program z of `splits` takes a contiguous share of the row block
 output, log2-sum-exp) are merged by `_combine` in split order, so results do not depend on scheduling. The grid,
 (row blocks x output slices, B x kvh, splits), depends on shapes only; the key loop's bounds come from past_length.
 
-Under the interpreter (UPCAST) every tile is widened to fp32 after its load and P stays fp32; compiled, Q/K/V stay
-bf16 for the MMAs and P is rounded to bf16 before P·V. ALIGNED (checked by the launcher) tells the compiler each row
+Under the interpreter (UPCAST) every tile is widened to fp32 after its load and P stays fp32, and a bf16 output is
+rounded to nearest even with integer arithmetic (the interpreter's cast truncates); compiled, Q/K/V stay bf16 for
+the MMAs and P is rounded to bf16 before P·V. ALIGNED (checked by the launcher) tells the compiler each row
 starts 16-byte aligned, which the AOT compile cannot learn from argument specialisation.
 """
 
@@ -47,6 +48,7 @@ import triton
 import triton.language as tl
 
 from . import aot, configs
+from .numerics import round_bf16
 
 NUM_SMS_DEFAULT = 132  # H100 SXM; the launcher asks the device when there is one
 
@@ -164,6 +166,8 @@ def _attn_fwd(Q, KC, VC, KN, VN, PAST, O, OP, LSE,
     dcol = dv0 + d
     st_mask = row_ok[:, None] & (dcol[None, :] < HEAD_DIM)
     if SPLITS == 1:  # runtime branch: one compiled kernel serves both output paths
+        if O.dtype.element_ty == tl.bfloat16:  # round to nearest even (the interpreter's own cast truncates)
+            o = round_bf16(o, UPCAST)
         o_ptrs = O + b64 * so_b + (head * so_h + j * so_s)[:, None] + dcol[None, :]
         if ALIGNED:
             o_ptrs = tl.multiple_of(o_ptrs, [16, 16])
@@ -178,7 +182,7 @@ def _attn_fwd(Q, KC, VC, KN, VN, PAST, O, OP, LSE,
 @triton.jit
 def _combine(OP, LSE, O, so_b, so_h, so_s, S, KVH, NBH, SPLITS,
              G: tl.constexpr, HEAD_DIM: tl.constexpr,
-             BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, ALIGNED: tl.constexpr):
+             BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, ALIGNED: tl.constexpr, UPCAST: tl.constexpr):
     """out = Σ_z 2^(lse_z - M) o_z / Σ_z 2^(lse_z - M), splits in order (deterministic); 0 where all are empty."""
     N_DV: tl.constexpr = (HEAD_DIM + BLOCK_D - 1) // BLOCK_D
     pid = tl.program_id(0)
@@ -203,6 +207,8 @@ def _combine(OP, LSE, O, so_b, so_h, so_s, S, KVH, NBH, SPLITS,
         acc += w[:, None] * tl.load(OP + part[:, None] * HEAD_DIM + dcol[None, :], mask=msk, other=0.0)
         wsum += w
     o = acc / tl.where(wsum > 0.0, wsum, 1.0)[:, None]
+    if O.dtype.element_ty == tl.bfloat16:
+        o = round_bf16(o, UPCAST)
     head = (kv * G + rows // S).to(tl.int64)
     o_ptrs = O + b.to(tl.int64) * so_b + head[:, None] * so_h + (rows % S)[:, None] * so_s + dcol[None, :]
     if ALIGNED:
@@ -365,7 +371,7 @@ def attention(q, k_cache, v_cache, k_new, v_new, past_length, causal: bool, wind
     if splits > 1:
         grid = (-(-(g * s) // COMBINE_BLOCK_M) * n_dv, b * kvh)
         _combine[grid](op, lse, out, out.stride(0), out.stride(1), out.stride(2), s, kvh, b * kvh, splits,
-                       G=g, HEAD_DIM=hd, BLOCK_M=COMBINE_BLOCK_M, BLOCK_D=bd, ALIGNED=aligned)
+                       G=g, HEAD_DIM=hd, BLOCK_M=COMBINE_BLOCK_M, BLOCK_D=bd, ALIGNED=aligned, UPCAST=interp)
     return out
 
 
@@ -388,7 +394,7 @@ def _fwd_signature(dtype: str = "bf16") -> dict[str, str]:
 def _combine_signature(dtype: str = "bf16") -> dict[str, str]:
     sig = {"OP": "*fp32", "LSE": "*fp32", "O": f"*{dtype}"}
     sig.update({n: "i32" for n in ("so_b", "so_h", "so_s", "S", "KVH", "NBH", "SPLITS")})
-    sig.update({n: "constexpr" for n in ("G", "HEAD_DIM", "BLOCK_M", "BLOCK_D", "ALIGNED")})
+    sig.update({n: "constexpr" for n in ("G", "HEAD_DIM", "BLOCK_M", "BLOCK_D", "ALIGNED", "UPCAST")})
     return sig
 
 
@@ -414,7 +420,7 @@ def aot_specs() -> list[aot.AotSpec]:
                                    tensor_cores=True)
                 specs.setdefault(key, ([], spec))[0].append(served)
             if cfg.split_k > 1:
-                consts = dict(G=g, HEAD_DIM=hd, BLOCK_M=COMBINE_BLOCK_M, BLOCK_D=cfg.block_k, ALIGNED=True)
+                consts = dict(G=g, HEAD_DIM=hd, BLOCK_M=COMBINE_BLOCK_M, BLOCK_D=cfg.block_k, ALIGNED=True, UPCAST=False)
                 spec = aot.AotSpec("", _combine, _combine_signature(), consts, fam, 4, 1)
                 specs.setdefault((fam, hd, "combine", cfg.block_k), ([], spec))[0].append(served)
     out = []

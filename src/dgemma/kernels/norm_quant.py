@@ -49,7 +49,8 @@ def _norm_quant_kernel(x_ptr, w_ptr, q_ptr, s_ptr, y_ptr, T, K, stride_x, stride
 
 # rows per program and warps by arch family and canvas rows (T = 256 * batch); K = 2816 -> BLOCK_K 4096.
 # Untuned default: one row per program keeps >= 256 programs at batch 1 (132 SMs on H100, 170 on RTX 5090).
-configs.register(KERNEL, {fam: [(4096, Config(block_m=1, num_warps=8, num_stages=1))] for fam in (90, 100, 120)})
+configs.register(KERNEL, {fam: [(4096, Config(block_m=1, num_warps=8, num_stages=1))] for fam in (90, 100, 120)}
+                 | {0: [(4096, Config(block_m=16, num_warps=8, num_stages=1))]})  # interpreter: it pays per program
 
 
 def norm_quant(x: torch.Tensor, weight: torch.Tensor | None = None, eps: float = 1e-6, *, norm: bool = True,

@@ -25,9 +25,9 @@ def interpreting() -> bool:
 
 
 def device_cc(device) -> int:
-    """Compute capability x10 of a CUDA device; 90 (the Hopper tables) for CPU tensors under the interpreter."""
+    """Compute capability x10 of a CUDA device; 0 for CPU tensors (the interpreter: configs' family 0, else Hopper)."""
     if torch.device(device).type != "cuda":
-        return 90
+        return 0
     major, minor = torch.cuda.get_device_capability(device)
     return major * 10 + minor
 

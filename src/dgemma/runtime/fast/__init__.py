@@ -5,6 +5,7 @@ package's interface (the factory, benchmarks, probe and tests import them from h
 """
 
 from .backend import FastBackend, FastState
-from .fp8 import Fp8Experts, Fp8Linear, enable_fusion, note, quantize_fp8_
+from .fp8 import Fp8Experts, Fp8Linear, enable_fusion, quantize_fp8_
+from .policy import Kernels, note
 
-__all__ = ["FastBackend", "FastState", "Fp8Experts", "Fp8Linear", "enable_fusion", "note", "quantize_fp8_"]
+__all__ = ["FastBackend", "FastState", "Fp8Experts", "Fp8Linear", "Kernels", "enable_fusion", "note", "quantize_fp8_"]

@@ -12,16 +12,7 @@ from torch import Tensor, nn
 
 from ...model.lowp import fp8_quantize_rows
 from ...model.modeling import OPS, Attention, DiffusionGemma, Experts, fuse_ops, grouped_mm
-
-_NOTES: set[str] = set()
-
-
-def note(msg: str) -> None:
-    """Print a degradation note once per process."""
-    if msg not in _NOTES:
-        _NOTES.add(msg)
-        print(f"[dgemma.fast] {msg}", flush=True)
-
+from .policy import OFF, Kernels, k_moe, note
 
 # -- FP8 ---------------------------------------------------------------------------------------------------------
 _QUANT = {"rows": fp8_quantize_rows}
@@ -72,10 +63,10 @@ def enable_fusion() -> None:
         _MOE[name] = torch.compile(fn)
 
 
-def _fake_quant(x: Tensor) -> Tensor:
-    """Dequantised per-token e4m3 copy of x: the CPU fallback sees the same activation rounding as the GPU path."""
+def _dequant_rows(x: Tensor) -> Tensor:
+    """fp32 e4m3(x) * scale per token: the activations _scaled_mm multiplies, for the torch fallbacks."""
     q, s = _quant_rows(x)
-    return (q.float() * s).to(x.dtype)
+    return q.float() * s
 
 
 _SCALED = {"mm": None, "grouped": None}  # None = untested, True/False = self-test result
@@ -141,7 +132,9 @@ class Fp8Linear(nn.Module):
             q, s = _quant_rows(x2)
             y = torch._scaled_mm(q, self.weight.t(), scale_a=s, scale_b=self.scale[None], out_dtype=torch.bfloat16)
             return y.to(x.dtype).reshape(*lead, -1)
-        return F.linear(_fake_quant(x2), self.dequant(x.dtype)).reshape(*lead, -1)
+        # _scaled_mm's arithmetic in fp32 (e4m3 values times their scales, fp32 sums, one rounding to the output
+        # dtype): what the GPU path and the fused kernels compute, not a bf16 matmul of bf16-rounded operands
+        return F.linear(_dequant_rows(x2), self.dequant(torch.float32)).to(x.dtype).reshape(*lead, -1)
 
 
 class Fp8Experts(nn.Module):
@@ -164,10 +157,20 @@ class Fp8Experts(nn.Module):
             q, sa = _quant_rows(x)
             return torch._scaled_grouped_mm(q, w.transpose(-2, -1), sa.squeeze(-1), s, offs=offs,
                                             out_dtype=torch.bfloat16).to(x.dtype)
-        deq = (w.to(x.dtype) * s[..., None].to(x.dtype)).transpose(-2, -1)
-        return grouped_mm(_fake_quant(x), deq, offs)
+        deq = (w.float() * s[..., None]).transpose(-2, -1)  # _scaled_grouped_mm's arithmetic in fp32, as above
+        return grouped_mm(_dequant_rows(x), deq, offs).to(x.dtype)
+
+    kernels: Kernels = OFF  # FastBackend hands its policy to the modules it runs
 
     def forward(self, x: Tensor, weights: Tensor, idx: Tensor) -> Tensor:
+        return self.kernels.run("moe", lambda: k_moe.fp8_moe(x, weights, idx, self.gate_up_proj,
+                                                             self.gate_up_proj_scale, self.down_proj,
+                                                             self.down_proj_scale),
+                                lambda: self.forward_torch(x, weights, idx))
+
+    def forward_torch(self, x: Tensor, weights: Tensor, idx: Tensor) -> Tensor:
+        """The torch path: counting dispatch, padded groups, _scaled_grouped_mm (or the dequantised fallback)."""
+        idx = idx.long()  # one_hot needs int64 (the fused pass routes with int32)
         t, k = idx.shape
         e, a = self.num_experts, self.ALIGN
         dest, offs = _MOE["dispatch"](idx, e, a)

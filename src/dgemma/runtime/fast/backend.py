@@ -23,6 +23,7 @@ from ...core.errors import ConfigError
 from ...model.modeling import DiffusionGemma, KVCache
 from .fp8 import enable_fusion
 from .fused import FusedLayers, Unsupported
+from .nvfp4 import describe_footprint, footprint, log
 from .policy import Kernels, k_attention, k_sampler, note
 
 CATEGORIES = ("moe", "dense_gemm", "attention", "head", "other")  # profile_step's sections
@@ -120,6 +121,8 @@ class FastBackend:
             except Exception as e:  # noqa: BLE001 - inductor missing: eager ops still work
                 note(f"torch.compile fusion unavailable ({type(e).__name__}: {e}); running unfused ops")
         self.key_bucket, self.static_commit, self.static_prefill = key_bucket, static_commit, static_prefill
+        self.footprint = footprint(model)  # weight bytes by category (before the fused pass shares its views)
+        log.info("weights: %s", describe_footprint(self.footprint))
         self.kernels = Kernels.resolve(kernels, self.device)
         for mod in model.modules():
             if "kernels" in type(mod).__dict__:  # Fp8Experts / Nvfp4Experts consult the backend's policy

@@ -72,7 +72,7 @@ class FusedLayers:
             gate_up = k_gemm.cat_weights((mlp.gate_proj.weight, mlp.gate_proj.scale),
                                          (mlp.up_proj.weight, mlp.up_proj.scale))
             proj = layer.router.proj.weight
-            if proj.data_ptr() % 16:  # post_attention reads it through a TMA descriptor (mmap'd checkpoints: any address)
+            if proj.data_ptr() % 16:  # post_attention reads it by TMA descriptor (mmap'd checkpoints: any address)
                 proj.data = proj.data.clone()
             _share(at, ("q_proj", "k_proj", "v_proj"), qkv)
             _share(mlp, ("gate_proj", "up_proj"), gate_up)
@@ -81,9 +81,10 @@ class FusedLayers:
         self.inv_freq = {True: model.inv_freq_sliding.float(), False: model.inv_freq_full.float()}
 
     def forward(self, fb, st, mode: str, x: Tensor, clock: Callable) -> tuple[Tensor, Tensor | None]:
-        """fb: the FastBackend, st: its FastState. x [B,S,H] bf16 (embedding, after self-conditioning when denoising) -> (residual stream [B,S,H], final-normed
-        hidden [B,S,H] bf16, or None for mode enc). Writes K/V like the torch pass (sliding: slots W-1.. of the
-        extended buffers; full: cache slots [P, P+S) in the causal modes); the caller rolls the sliding buffers."""
+        """fb: the FastBackend, st: its FastState. x [B,S,H] bf16 (the embedding, after self-conditioning when
+        denoising) -> (residual stream [B,S,H], final-normed hidden [B,S,H] bf16, or None for mode enc). Writes K/V
+        like the torch pass (sliding: slots W-1.. of the extended buffers; full: cache slots [P, P+S) in the causal
+        modes); the caller rolls the sliding buffers."""
         m, cfg = fb.model, fb.cfg
         enc = mode in ("enc", "ar")
         b, s, hsz = x.shape

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+import weakref
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -124,9 +125,7 @@ class FastBackend:
         self.footprint = footprint(model)  # weight bytes by category (before the fused pass shares its views)
         log.info("weights: %s", describe_footprint(self.footprint))
         self.kernels = Kernels.resolve(kernels, self.device)
-        for mod in model.modules():
-            if "kernels" in type(mod).__dict__:  # Fp8Experts / Nvfp4Experts consult the backend's policy
-                mod.kernels = self.kernels
+        self._claim()  # Fp8Experts / Nvfp4Experts consult the policy of the backend that runs them
         self.fused: FusedLayers | None = None
         if self.kernels.use("dense"):
             try:
@@ -174,6 +173,7 @@ class FastBackend:
         """Commit (S = C at P > 0) through the static pass; a prefill in static C-token chunks (the same causal
         arithmetic chunk by chunk: the cache holds everything a later chunk's queries see), its tail (< C tokens)
         through the native eager pass."""
+        self._claim()
         p, s, c = state.cache.length, ids.shape[1], self.canvas_length
         state.cache.check_room(s)
         static = self.static_commit and s == c and p > 0
@@ -202,6 +202,7 @@ class FastBackend:
     def ar_step(self, state: FastState, ids: Tensor) -> Tensor:
         """Autoregressive baseline on the same weights: causal pass over ids [B,S] -> next-token logits [B,V].
         S > 1 (the prompt) runs eagerly; S == 1 is a captured graph like the denoise step."""
+        self._claim()
         p = state.cache.length
         if ids.shape[1] != 1:
             return self.model.encode(ids, state.cache, last_logits=True)
@@ -240,6 +241,7 @@ class FastBackend:
         tables, cache writes). mode "enc" times a commit of `canvas` at the current length (its
         length and sliding buffers are restored afterwards)."""
         p = state.cache.length
+        self._claim()
         self._inputs(state, canvas, soft, temperature)
         state.p.fill_(p)
         state.past32.fill_(p)
@@ -267,7 +269,17 @@ class FastBackend:
         need = p + self.canvas_length + 1
         return min(self.max_context, -(-need // self.key_bucket) * self.key_bucket)
 
+    def _claim(self) -> None:
+        """Point the model's expert modules at this backend's policy (several backends may share one model)."""
+        owner = getattr(self.model, "_fast_owner", None)
+        if owner is None or owner() is not self:
+            for mod in self.model.modules():
+                if "kernels" in type(mod).__dict__:
+                    mod.kernels = self.kernels
+            self.model._fast_owner = weakref.ref(self)  # a weak reference: deepcopy of the model copies no backend
+
     def _run(self, state: FastState, mode: str, p: int):
+        self._claim()
         state.p.fill_(p)  # kernels with a scalar argument: no host sync
         state.past32.fill_(p)
         span = self._span(p)

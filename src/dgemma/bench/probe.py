@@ -547,7 +547,9 @@ def table(res: dict) -> str:
     if kt:
         out.append(f"  {'kernel':<26} {'category':<10} {'ms':>9} {'GB/s':>8} {'of copy':>7} {'error':>9}  ok")
         for r in kt:
-            out.append(f"  {r['kernel']:<26} {r['category']:<10} {f(r.get('ms'), 3):>9} {f(r.get('gbs'), 0):>8} "
+            gbs = r.get("gbs")
+            out.append(f"  {r['kernel']:<26} {r['category']:<10} {f(r.get('ms'), 3):>9} "
+                       f"{f(gbs, 0 if (gbs or 0) >= 10 else 4):>8} "
                        f"{f(r.get('of_copy_bw'), 2):>7} {f(r.get('error'), 4) if 'error' in r else '-':>9}  "
                        f"{'yes' if r['ok'] else 'NO ' + r.get('failed', '')}")
     bd = res["phases"].get("breakdown", {}).get("table")

@@ -134,9 +134,9 @@ openai: $(STAMP)
 loadtest: $(STAMP)
 	$(PY) -m dgemma bench --gpu cpu --backend triton --scenario concurrency $(LOADTEST_ARGS)
 
-# GPU probe of the fast path (full size on CUDA; `make probe GPU=cpu` runs the tiny CPU form)
+# GPU probe of the fast path (full size on CUDA, FP8 unless PRECISION is given; `make probe GPU=cpu`: the tiny CPU form)
 probe: $(STAMP)
-	$(PY) -m dgemma probe $(if $(filter cpu,$(GPU)),--device cpu --tiny,--precision $(PRECISION))
+	$(PY) -m dgemma probe $(if $(filter cpu,$(GPU)),--device cpu --tiny,--precision $(if $(filter command line environment,$(origin PRECISION)),$(PRECISION),fp8))
 
 # CPU suite; the GPU is hidden like ModelOpt's CPU unit tests.
 test: $(STAMP)

@@ -113,7 +113,7 @@ def _server(a: BenchArgs, target: Target, checkpoint, serve_backend: str, thread
 
 
 def run(a: BenchArgs) -> Outcome:
-    target = resolve(a.gpu, a.precision)
+    target = resolve(a.gpu, a.precision, a.backend)
     _check(a, target)
     served = a.backend == "triton"
     checkpoint = a.checkpoint or (SYNTHETIC if target.gpu.sm and not served else None)

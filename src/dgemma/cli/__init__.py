@@ -1,7 +1,9 @@
 """Layer 5 of dgemma: the `dgemma` command line, the only place that parses arguments. One module per make target
 (quantize, onnx, engines, repo, serve, bench, report, ...), each with `add_parser(sub)` and its `cmd_*`. User
 errors (DgemmaError) print one line and exit 2, never a traceback. `--workdir DIR` (or DGEMMA_WORKDIR) roots every
-artifact; the default is the current directory."""
+artifact; the default is the current directory. Without a visible CUDA device the CLI sets TRITON_INTERPRET=1 (unless
+set) before any subcommand imports triton: there the fused kernels can only run interpreted, and the flag must
+precede the import."""
 
 from __future__ import annotations
 
@@ -9,8 +11,14 @@ import argparse
 import os
 import sys
 
+import torch
+
 from ..core.errors import DgemmaError
 from ..core.layout import WORKDIR_ENV
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 from . import bench, client, engines, generate, onnx, openai, probe, profiles, quantize, report, repo, serve, tiny
 
 TARGETS = (generate, tiny, profiles, quantize, onnx, engines, repo, serve, openai, client, bench, report, probe)

@@ -1,8 +1,10 @@
-"""GPU profiles and precisions, resolved in one place: `resolve(gpu, precision) -> Target`.
+"""GPU profiles and precisions, resolved in one place: `resolve(gpu, precision, backend) -> Target`.
 
 Each profile carries what the engines, KV buffers, Triton config and roofline reports need: compute
-capability, memory, HBM bandwidth, batch/prompt/context limits, TensorRT flavour. Hardware rules
-(FP8 needs SM89+, NVFP4 SM100+ or SM120/121 with TensorRT-RTX) and the memory check live here.
+capability, memory, HBM bandwidth, batch/prompt/context limits, TensorRT flavour. The hardware rules live here, one
+set per kind of runtime (`RUNTIMES`): TensorRT engines (FP8 needs SM89+, NVFP4 needs FP4 tensor cores: SM100+, or
+SM120/121 with TensorRT-RTX) and the fast backend (FP8 SM89+; NVFP4 as W4A16, 4-bit weights decoded to bf16 in
+registers on bf16 tensor cores, SM90+ where its kernels are built). The memory check and the weight footprint too.
 """
 
 from __future__ import annotations
@@ -27,6 +29,14 @@ class Precision(str, Enum):
 
 MIN_SM = {Precision.BF16: 80, Precision.FP8: 89, Precision.NVFP4: 100}
 NVFP4_RTX_SM = (120, 121)  # RTX Blackwell / GB10: NVFP4 through TensorRT-RTX
+ENGINE, FAST = "engine", "fast"  # the rule sets: TensorRT / ONNX graphs, and the native fast backend
+RUNTIMES = (ENGINE, FAST)
+FAST_MIN_SM = {Precision.BF16: 80, Precision.FP8: 89, Precision.NVFP4: 90}  # W4A16: kernels built for SM90/100/120
+
+
+def runtime_of(backend: str | None) -> str:
+    """The rule set a backend kind answers to: `fast` its own, every other (trt, ort, triton, torch, ...) ENGINE."""
+    return FAST if backend == FAST else ENGINE
 
 
 @dataclass(frozen=True)
@@ -43,8 +53,8 @@ class GpuProfile:
     trt: str  # "tensorrt" (full TensorRT, NGC) | "tensorrt_rtx" | "none" (ORT on CPU)
     precisions: tuple[Precision, ...]
 
-    def supports(self, p: Precision) -> bool:
-        return p in self.precisions
+    def supports(self, p: Precision, runtime: str = ENGINE) -> bool:
+        return _hardware_rule(self, p, runtime) is None and (runtime == FAST or p in self.precisions)
 
 
 _ALL = (Precision.BF16, Precision.FP8, Precision.NVFP4)
@@ -74,9 +84,15 @@ class Target:
         return f"{self.gpu.name}/{self.precision.value}"
 
 
-def _hardware_rule(gpu: GpuProfile, p: Precision) -> str | None:
+def _hardware_rule(gpu: GpuProfile, p: Precision, runtime: str = ENGINE) -> str | None:
     if gpu.sm == 0:
-        return None  # CPU: every precision is emulated through ONNX Runtime
+        return None  # CPU: every precision is emulated (ONNX Runtime, the fast backend's torch paths)
+    if runtime == FAST:
+        if gpu.sm < FAST_MIN_SM[p]:
+            what = "W4A16 experts (bf16 tensor cores)" if p is Precision.NVFP4 else "its kernels"
+            return f"precision '{p.value}' on the fast backend needs compute capability >= {FAST_MIN_SM[p] / 10:.1f} " \
+                   f"for {what}; GPU profile '{gpu.name}' is {gpu.sm / 10:.1f}"
+        return None
     if p is Precision.NVFP4 and gpu.sm < MIN_SM[p] and gpu.sm not in NVFP4_RTX_SM:
         return f"precision 'nvfp4' needs compute capability >= 10.0 (or 12.x with TensorRT-RTX); " \
                f"GPU profile '{gpu.name}' is {gpu.sm / 10:.1f}"
@@ -86,8 +102,9 @@ def _hardware_rule(gpu: GpuProfile, p: Precision) -> str | None:
     return None
 
 
-def resolve(gpu: str, precision: str) -> Target:
-    """The only place a (gpu, precision) pair is validated."""
+def resolve(gpu: str, precision: str, backend: str | None = None) -> Target:
+    """The only place a (gpu, precision) pair is validated, under the rules of `backend`'s runtime (runtime_of):
+    `fast` serves nvfp4 on Hopper (W4A16) where TensorRT engines cannot."""
     if gpu not in PROFILES:
         raise ConfigError(f"unknown GPU profile {gpu!r}; valid: {', '.join(PROFILES)} (see `dgemma profiles`).")
     try:
@@ -96,12 +113,15 @@ def resolve(gpu: str, precision: str) -> Target:
         raise ConfigError(
             f"unknown precision {precision!r}; valid: {', '.join(x.value for x in Precision)}."
         ) from None
-    prof = PROFILES[gpu]
-    rule = _hardware_rule(prof, p)
+    prof, rt = PROFILES[gpu], runtime_of(backend)
+    rule = _hardware_rule(prof, p, rt)
     if rule:
-        ok_p = [x.value for x in prof.precisions if not _hardware_rule(prof, x)]
-        ok_g = [g.name for g in PROFILES.values() if g.sm and not _hardware_rule(g, p)]
-        raise ConfigError(f"{rule}. Use --precision {'/'.join(ok_p)} on {gpu}, or --gpu {'/'.join(ok_g)} for {p.value}.")
+        ok_p = [x.value for x in Precision if prof.supports(x, rt)]
+        ok_g = [g.name for g in PROFILES.values() if g.sm and not _hardware_rule(g, p, rt)]
+        hint = " (or --backend fast: W4A16 from the NVFP4 checkpoint)" \
+            if p is Precision.NVFP4 and rt == ENGINE and prof.supports(p, FAST) else ""
+        raise ConfigError(f"{rule}. Use --precision {'/'.join(ok_p)} on {gpu}{hint}, or --gpu {'/'.join(ok_g)} for "
+                          f"{p.value}.")
     return Target(prof, p)
 
 
@@ -162,11 +182,42 @@ def check_memory(target: Target, cfg: ModelConfig = FULL_SIZE, engines: int = 2)
     return plan
 
 
+def weight_footprint(cfg: ModelConfig = FULL_SIZE, experts: str = "nvfp4", dense: str = "fp8",
+                     other_bytes: int = 2) -> dict[str, int]:
+    """Weight bytes by category as the fast backend stores them: experts (bf16, fp8 = e4m3 + fp32 per-row scales,
+    nvfp4 = e2m1 pairs + e4m3 scale per 16 + fp32 global scale per expert and projection), dense projections
+    (attention q/k/v/o, dense MLP, self-conditioning; bf16 or fp8), the bf16 tied embedding, and the rest (router,
+    norms, scalars) at `other_bytes` per value. runtime.fast.nvfp4.footprint measures the same on a loaded model."""
+    def mats(shapes: list[tuple[int, int]], fmt: str, n: int = 1) -> int:
+        if fmt == "bf16":
+            return sum(2 * r * k for r, k in shapes) * n
+        if fmt == "fp8":
+            return sum(r * k + 4 * r for r, k in shapes) * n
+        if fmt == "nvfp4":
+            return sum(r * k // 2 + r * k // 16 + 4 for r, k in shapes) * n
+        raise ConfigError(f"unknown weight format {fmt!r}; valid: bf16, fp8, nvfp4.")
+
+    h, i, e, mi = cfg.hidden_size, cfg.intermediate_size, cfg.num_experts, cfg.moe_intermediate_size
+    mlp = [(i, h), (i, h), (h, i)]
+    out = {"experts": 0, "dense": mats(mlp, dense), "embedding": 2 * cfg.vocab_size * h, "other": 0}
+    other = h + h + cfg.num_hidden_layers  # final norm, self-conditioning pre_norm, encoder layer scalars
+    for layer in range(cfg.num_hidden_layers):
+        hd, kvh, q = cfg.layer_head_dim(layer), cfg.layer_kv_heads(layer), cfg.num_attention_heads
+        attn = [(q * hd, h), (kvh * hd, h)] + ([(kvh * hd, h)] if cfg.is_sliding(layer) else []) + [(h, q * hd)]
+        out["dense"] += mats(attn + mlp, dense)
+        out["experts"] += mats([(2 * mi, h), (h, mi)], experts, n=e)
+        other += e * h + h + e + 7 * h + 2 * hd + 1  # router proj, scale, per-expert scale; norms; q/k norms; scalar
+    out["other"] = other * other_bytes
+    return out
+
+
 def describe() -> str:
     rows = [f"{'profile':<10} {'GPU':<40} {'SM':>4} {'mem GiB':>7} {'HBM GB/s':>8} {'batch':>5} "
-            f"{'prompt':>6} {'context':>7}  {'TensorRT':<12} precisions"]
+            f"{'prompt':>6} {'context':>7}  {'TensorRT':<12} {'engines':<16} fast backend"]
     for p in PROFILES.values():
-        ok = [x.value for x in p.precisions if not _hardware_rule(p, x)]
+        ok = [x.value for x in Precision if p.supports(x)]
+        fast = [x.value for x in Precision if p.supports(x, FAST)]
         rows.append(f"{p.name:<10} {p.label:<40} {p.sm / 10:>4.1f} {p.memory_gib:>7g} {p.hbm_gbs:>8g} "
-                    f"{p.max_batch:>5} {p.max_prompt:>6} {p.max_context:>7}  {p.trt:<12} {', '.join(ok)}")
+                    f"{p.max_batch:>5} {p.max_prompt:>6} {p.max_context:>7}  {p.trt:<12} {', '.join(ok):<16} "
+                    f"{', '.join(fast)}")
     return "\n".join(rows)

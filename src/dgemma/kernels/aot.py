@@ -8,6 +8,16 @@ registers per thread and spilled bytes (`ptxas -v`, the ptxas bundled in the tri
 the architecture's tensor-core instruction (wgmma on SM90, tcgen05 on SM100, mma on SM120). Under the interpreter
 (`TRITON_INTERPRET=1`, the CPU tests) triton's own library functions are interpreted objects that cannot be
 compiled, so the gate then runs in a child process without that flag: `python -m dgemma.kernels.aot MODULE`.
+
+Alignment, the one way every kernel module uses: at run time the JIT specialises each pointer argument whose address
+is a multiple of 16 bytes, and each integer argument that is a multiple of 16, with `tt.divisibility = 16`; that is
+what lets it vectorise loads and stores and pipeline them with cp.async. A compile from a signature alone knows none
+of it, so `compile_spec` states it (`spec_attrs`): every pointer argument (production buffers are torch allocations
+and 16-byte multiples into them) and the integer arguments a spec names in `divisible` (production strides and
+lengths that are multiples of 16). Kernels therefore carry no alignment hints or flags of their own (no
+tl.multiple_of behind launcher checks, no ALIGNED constexpr): the gate compiles the variant an aligned production call
+gets from the JIT, and an unaligned call gets the JIT's unaligned variant, correct and slower. TMA tensor descriptors
+(fp8_gemm, qkv, residual_norm) carry their 16-byte alignment in their type and need nothing.
 """
 
 from __future__ import annotations
@@ -22,6 +32,8 @@ import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from .numerics import interpreting
 
 # shared memory a block may use (opt-in maximum), bytes: H100/H200 and B200 227 KiB, RTX 5090 / GB10 99 KiB
 SMEM_LIMIT = {90: 232448, 100: 232448, 120: 101376, 121: 101376}
@@ -43,6 +55,17 @@ class AotSpec:
     num_warps: int = 4
     num_stages: int = 3
     tensor_cores: bool = False  # the kernel must use the architecture's MMA instruction
+    divisible: tuple[str, ...] = ()  # integer arguments that are multiples of 16 in production (the JIT's "D")
+
+
+def spec_attrs(spec: AotSpec) -> dict:
+    """The JIT's specialisation of an aligned production call: tt.divisibility 16 on every pointer argument and on
+    the integer arguments named in `divisible` (module docstring)."""
+    for n in spec.divisible:
+        if not spec.signature[n].startswith("i"):
+            raise ValueError(f"{spec.label}: divisible names {n!r}, a {spec.signature[n]} argument")
+    return {(i,): [["tt.divisibility", 16]] for i, n in enumerate(_jit(spec.fn).arg_names)
+            if spec.signature.get(n, "").startswith("*") or n in spec.divisible}
 
 
 def _jit(fn):
@@ -80,7 +103,7 @@ def compile_spec(spec: AotSpec) -> dict:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    src = ASTSource(fn=_jit(spec.fn), signature=spec.signature, constexprs=spec.constexprs)
+    src = ASTSource(fn=_jit(spec.fn), signature=spec.signature, constexprs=spec.constexprs, attrs=spec_attrs(spec))
     k = triton.compile(src, target=GPUTarget("cuda", spec.cc, 32),
                        options={"num_warps": spec.num_warps, "num_stages": spec.num_stages})
     ptx = k.asm["ptx"]
@@ -106,9 +129,9 @@ def _compile_module(module: str) -> list[dict]:
 
 def gate(module: str) -> list[dict]:
     """Rows of every production config of a kernel module (`module.aot_specs()`), compiled for its architecture."""
-    if not os.environ.get("TRITON_INTERPRET"):
+    if not interpreting():
         return _compile_module(module)
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env = dict(os.environ, TRITON_INTERPRET="0")  # "0", not unset: dgemma.kernels would set it again without a GPU
     env["PYTHONPATH"] = os.pathsep.join([os.getcwd(), *sys.path])
     r = subprocess.run([sys.executable, "-m", "dgemma.kernels.aot", module], capture_output=True, text=True,
                        env=env, timeout=1800)
@@ -119,7 +142,8 @@ def gate(module: str) -> list[dict]:
 
 def table(rows: list[dict]) -> str:
     """The AOT figures as a markdown table (closing notes, docs)."""
-    out = ["| config | SM | warps | stages | smem B | regs | spills | tensor cores |", "|---|---|---|---|---|---|---|---|"]
+    out = ["| config | SM | warps | stages | smem B | regs | spills | tensor cores |",
+           "|---|---|---|---|---|---|---|---|"]
     out += [f"| {r['label']} | {r['sm']} | {r['warps']} | {r['stages']} | {r['smem']} | {r['regs']} | {r['spills']} | "
             f"{'yes' if r['tensor_cores'] else 'no'} |" for r in rows]
     return "\n".join(out)

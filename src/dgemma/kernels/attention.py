@@ -32,21 +32,22 @@ and P). Split-K: program z of `splits` takes a contiguous share of the row block
 output, log2-sum-exp) are merged by `_combine` in split order, so results do not depend on scheduling. The grid,
 (row blocks x output slices, B x kvh, splits), depends on shapes only; the key loop's bounds come from past_length.
 
-Under the interpreter (UPCAST) every tile is widened to fp32 after its load and P stays fp32; compiled, Q/K/V stay
-bf16 for the MMAs and P is rounded to bf16 before P·V. ALIGNED (checked by the launcher) tells the compiler each row
-starts 16-byte aligned, which the AOT compile cannot learn from argument specialisation.
+Under the interpreter (UPCAST) every tile is widened to fp32 after its load and P stays fp32, and a bf16 output is
+rounded to nearest even with integer arithmetic (the interpreter's cast truncates); compiled, Q/K/V stay bf16 for
+the MMAs and P is rounded to bf16 before P·V. Row alignment comes from the JIT's specialisation of aligned pointers
+and strides (the AOT gate compiles the same form: aot.spec_attrs).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import os
 
 import torch
 import triton
 import triton.language as tl
 
 from . import aot, configs
+from .numerics import device_cc, interpreting, round_bf16
 
 NUM_SMS_DEFAULT = 132  # H100 SXM; the launcher asks the device when there is one
 
@@ -61,7 +62,7 @@ def _attn_fwd(Q, KC, VC, KN, VN, PAST, O, OP, LSE,
               S, CAP, KVH, WINDOW, SPLITS,
               G: tl.constexpr, HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-              UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, ALIGNED: tl.constexpr):
+              UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
     N_QK: tl.constexpr = (HEAD_DIM + BLOCK_D - 1) // BLOCK_D
     tl.static_assert(N_QK <= 2, "head_dim > 2 * BLOCK_D: raise block_k")
     pid = tl.program_id(0)  # row block x output slice
@@ -87,8 +88,6 @@ def _attn_fwd(Q, KC, VC, KN, VN, PAST, O, OP, LSE,
     head = (kv * G + rows // S).to(tl.int64)
     d = tl.arange(0, BLOCK_D)
     q_ptrs = Q + b64 * sq_b + (head * sq_h + j * sq_s)[:, None] + d[None, :]
-    if ALIGNED:  # every row starts 16-byte aligned (the launcher checks): vector loads, cp.async
-        q_ptrs = tl.multiple_of(q_ptrs, [16, 16])
     q0 = tl.load(q_ptrs, mask=row_ok[:, None] & (d[None, :] < HEAD_DIM), other=0.0)
     if UPCAST:  # the interpreter mishandles bf16 arithmetic: widen right after every load
         q0 = q0.to(tl.float32)
@@ -129,9 +128,6 @@ def _attn_fwd(Q, KC, VC, KN, VN, PAST, O, OP, LSE,
         k_ptrs = tl.where(in_cache, kc_base, kn_base) + (idx * tl.where(in_cache, skc_s, skn_s))[:, None] + d[None, :]
         v_ptrs = (tl.where(in_cache, vc_base, vn_base) + (idx * tl.where(in_cache, svc_s, svn_s))[:, None]
                   + (dv0 + d)[None, :])
-        if ALIGNED:
-            k_ptrs = tl.multiple_of(k_ptrs, [16, 16])
-            v_ptrs = tl.multiple_of(v_ptrs, [16, 16])
         k = tl.load(k_ptrs, mask=key_ok[:, None] & (d[None, :] < HEAD_DIM), other=0.0)
         if UPCAST:
             k = k.to(tl.float32)
@@ -164,9 +160,9 @@ def _attn_fwd(Q, KC, VC, KN, VN, PAST, O, OP, LSE,
     dcol = dv0 + d
     st_mask = row_ok[:, None] & (dcol[None, :] < HEAD_DIM)
     if SPLITS == 1:  # runtime branch: one compiled kernel serves both output paths
+        if O.dtype.element_ty == tl.bfloat16:  # round to nearest even (the interpreter's own cast truncates)
+            o = round_bf16(o, UPCAST)
         o_ptrs = O + b64 * so_b + (head * so_h + j * so_s)[:, None] + dcol[None, :]
-        if ALIGNED:
-            o_ptrs = tl.multiple_of(o_ptrs, [16, 16])
         tl.store(o_ptrs, o.to(O.dtype.element_ty), mask=st_mask)
     else:
         part = (split * tl.num_programs(1) + bh).to(tl.int64) * (G * S) + rows
@@ -178,7 +174,7 @@ def _attn_fwd(Q, KC, VC, KN, VN, PAST, O, OP, LSE,
 @triton.jit
 def _combine(OP, LSE, O, so_b, so_h, so_s, S, KVH, NBH, SPLITS,
              G: tl.constexpr, HEAD_DIM: tl.constexpr,
-             BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, ALIGNED: tl.constexpr):
+             BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr):
     """out = Σ_z 2^(lse_z - M) o_z / Σ_z 2^(lse_z - M), splits in order (deterministic); 0 where all are empty."""
     N_DV: tl.constexpr = (HEAD_DIM + BLOCK_D - 1) // BLOCK_D
     pid = tl.program_id(0)
@@ -203,10 +199,10 @@ def _combine(OP, LSE, O, so_b, so_h, so_s, S, KVH, NBH, SPLITS,
         acc += w[:, None] * tl.load(OP + part[:, None] * HEAD_DIM + dcol[None, :], mask=msk, other=0.0)
         wsum += w
     o = acc / tl.where(wsum > 0.0, wsum, 1.0)[:, None]
+    if O.dtype.element_ty == tl.bfloat16:
+        o = round_bf16(o, UPCAST)
     head = (kv * G + rows // S).to(tl.int64)
     o_ptrs = O + b.to(tl.int64) * so_b + head[:, None] * so_h + (rows % S)[:, None] * so_s + dcol[None, :]
-    if ALIGNED:
-        o_ptrs = tl.multiple_of(o_ptrs, [16, 16])
     tl.store(o_ptrs, o.to(O.dtype.element_ty), mask=msk)
 
 
@@ -277,21 +273,10 @@ def table_name(head_dim: int) -> str:
     return "attention_hd256" if head_dim <= 256 else "attention_hd512"
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
 def _num_sms(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
     return NUM_SMS_DEFAULT
-
-
-def _cc(device: torch.device) -> int:
-    if device.type == "cuda":
-        major, minor = torch.cuda.get_device_capability(device)
-        return major * 10 + minor
-    return 90
 
 
 def pick_splits(cfg: configs.Config, programs: int, max_keys: int, num_sms: int) -> int:
@@ -299,12 +284,6 @@ def pick_splits(cfg: configs.Config, programs: int, max_keys: int, num_sms: int)
     for about two waves, at most cfg.split_k, and at least two key tiles per split at the longest key span."""
     want = -(-2 * num_sms // max(programs, 1))
     return max(1, min(want, cfg.split_k, -(-max_keys // (2 * cfg.block_n))))
-
-
-def _rows_aligned(t: torch.Tensor) -> bool:
-    """Every [.., row, :] of t starts on a 16-byte boundary (the kernels' ALIGNED hint)."""
-    e = t.element_size()
-    return t.data_ptr() % 16 == 0 and all(st * e % 16 == 0 for st, n in zip(t.stride()[:-1], t.shape[:-1]) if n > 1)
 
 
 # -- launcher -------------------------------------------------------------------------------------------------------
@@ -335,8 +314,7 @@ def attention(q, k_cache, v_cache, k_new, v_new, past_length, causal: bool, wind
         if t.stride(-1) != 1:
             raise ValueError(f"{name} must be contiguous in the head dim (stride {t.stride(-1)})")
     g = nh // kvh
-    aligned = all(_rows_aligned(t) for t in (q, k_cache, v_cache, k_new, v_new, out))
-    cfg = config or configs.lookup(table_name(hd), _cc(q.device), s)
+    cfg = config or configs.lookup(table_name(hd), device_cc(q.device), s)
     bd = cfg.block_k
     n_dv = -(-hd // bd)
     if n_dv > 2:
@@ -346,7 +324,7 @@ def attention(q, k_cache, v_cache, k_new, v_new, past_length, causal: bool, wind
     if splits is None:
         splits = pick_splits(cfg, row_blocks * n_dv * b * kvh, max_keys, _num_sms(q.device))
     past = past_length.reshape(-1)
-    interp = _interpreting()
+    interp = interpreting()
     if splits > 1:
         op = torch.empty(splits, b * kvh, g * s, hd, dtype=torch.float32, device=q.device)
         lse = torch.empty(splits, b * kvh, g * s, dtype=torch.float32, device=q.device)
@@ -360,18 +338,22 @@ def attention(q, k_cache, v_cache, k_new, v_new, past_length, causal: bool, wind
         past.stride(0) if past.numel() > 1 else 0,
         s, cap, kvh, int(window or 0), splits,
         G=g, HEAD_DIM=hd, CAUSAL=bool(causal), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-        BLOCK_D=bd, UPCAST=interp, DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", ALIGNED=aligned,
+        BLOCK_D=bd, UPCAST=interp, DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         **({} if interp else {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}))
     if splits > 1:
         grid = (-(-(g * s) // COMBINE_BLOCK_M) * n_dv, b * kvh)
         _combine[grid](op, lse, out, out.stride(0), out.stride(1), out.stride(2), s, kvh, b * kvh, splits,
-                       G=g, HEAD_DIM=hd, BLOCK_M=COMBINE_BLOCK_M, BLOCK_D=bd, ALIGNED=aligned)
+                       G=g, HEAD_DIM=hd, BLOCK_M=COMBINE_BLOCK_M, BLOCK_D=bd, UPCAST=interp)
     return out
 
 
 # -- ahead-of-time specs --------------------------------------------------------------------------------------------
 # production shapes (spec §2): sliding layers hd 256 with 8 KV heads (G = 2), full layers hd 512 with 2 (G = 8)
 PRODUCTION = {256: 2, 512: 8}
+# production strides (head dims 256 / 512, every other stride a product of them) and S (the 256-token canvas, the
+# 256-token prefill chunks) are multiples of 16: the JIT specialises them so (aot.spec_attrs)
+_DIVISIBLE = ("sq_b", "sq_h", "sq_s", "skc_b", "skc_h", "skc_s", "svc_b", "svc_h", "svc_s", "skn_b", "skn_h", "skn_s",
+              "svn_b", "svn_h", "svn_s", "so_b", "so_h", "so_s", "S")
 _INT_ARGS = ("sq_b", "sq_h", "sq_s", "skc_b", "skc_h", "skc_s", "svc_b", "svc_h", "svc_s", "skn_b", "skn_h", "skn_s",
              "svn_b", "svn_h", "svn_s", "so_b", "so_h", "so_s", "sp", "S", "CAP", "KVH", "WINDOW", "SPLITS")
 
@@ -381,14 +363,14 @@ def _fwd_signature(dtype: str = "bf16") -> dict[str, str]:
     sig.update(PAST="*i64", O=f"*{dtype}", OP="*fp32", LSE="*fp32")
     sig.update({n: "i32" for n in _INT_ARGS})
     sig.update({n: "constexpr" for n in ("G", "HEAD_DIM", "CAUSAL", "BLOCK_M", "BLOCK_N", "BLOCK_D",
-                                         "UPCAST", "DOT_PRECISION", "ALIGNED")})
+                                         "UPCAST", "DOT_PRECISION")})
     return sig
 
 
 def _combine_signature(dtype: str = "bf16") -> dict[str, str]:
     sig = {"OP": "*fp32", "LSE": "*fp32", "O": f"*{dtype}"}
     sig.update({n: "i32" for n in ("so_b", "so_h", "so_s", "S", "KVH", "NBH", "SPLITS")})
-    sig.update({n: "constexpr" for n in ("G", "HEAD_DIM", "BLOCK_M", "BLOCK_D", "ALIGNED")})
+    sig.update({n: "constexpr" for n in ("G", "HEAD_DIM", "BLOCK_M", "BLOCK_D", "UPCAST")})
     return sig
 
 
@@ -398,8 +380,8 @@ def _tiles(cfg: configs.Config) -> tuple:
 
 def aot_specs() -> list[aot.AotSpec]:
     """Every production launch of bf16 attention: per architecture, head dim (with its GQA group), mode
-    (denoiser bidirectional / encoder causal) and distinct tile config; the split-K merge per head dim. Buckets with the same tiles share one spec (its label lists them). Forward configs must use the
-    tensor cores."""
+    (denoiser bidirectional / encoder causal) and distinct tile config; the split-K merge per head dim. Buckets with
+    the same tiles share one spec (its label lists them). Forward configs must use the tensor cores."""
     specs: dict[tuple, tuple[list[str], aot.AotSpec]] = {}
     for hd, g in PRODUCTION.items():
         for fam, bucket, cfg in configs.production(table_name(hd)):
@@ -409,13 +391,14 @@ def aot_specs() -> list[aot.AotSpec]:
                     continue  # the denoiser only ever runs a 256-token canvas
                 key = (fam, hd, causal, _tiles(cfg))
                 consts = dict(G=g, HEAD_DIM=hd, CAUSAL=causal, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-                              BLOCK_D=cfg.block_k, UPCAST=False, DOT_PRECISION="tf32", ALIGNED=True)
+                              BLOCK_D=cfg.block_k, UPCAST=False, DOT_PRECISION="tf32")
                 spec = aot.AotSpec("", _attn_fwd, _fwd_signature(), consts, fam, cfg.num_warps, cfg.num_stages,
-                                   tensor_cores=True)
+                                   tensor_cores=True, divisible=_DIVISIBLE)
                 specs.setdefault(key, ([], spec))[0].append(served)
             if cfg.split_k > 1:
-                consts = dict(G=g, HEAD_DIM=hd, BLOCK_M=COMBINE_BLOCK_M, BLOCK_D=cfg.block_k, ALIGNED=True)
-                spec = aot.AotSpec("", _combine, _combine_signature(), consts, fam, 4, 1)
+                consts = dict(G=g, HEAD_DIM=hd, BLOCK_M=COMBINE_BLOCK_M, BLOCK_D=cfg.block_k, UPCAST=False)
+                spec = aot.AotSpec("", _combine, _combine_signature(), consts, fam, 4, 1,
+                                   divisible=("so_b", "so_h", "so_s", "S"))
                 specs.setdefault((fam, hd, "combine", cfg.block_k), ([], spec))[0].append(served)
     out = []
     for key, (served, spec) in specs.items():

@@ -2,7 +2,8 @@
 
 `Config` holds the tile sizes and the Triton launch options. `lookup(kernel, cc, rows)` returns the entry for the
 architecture (compute capability x10: 90 Hopper, 100 Blackwell datacenter, 120/121 RTX Blackwell / GB10, which
-share a table) and the smallest bucket that holds `rows` (tokens per expert, canvas rows, ...). Entries measured
+share a table; 0 = CPU tensors under the interpreter, which read a kernel's family-0 entry when it registers one,
+else Hopper's) and the smallest bucket that holds `rows` (tokens per expert, canvas rows, ...). Entries measured
 on a GPU carry the GPU and the Triton version they were tuned with (`tuned`), so a stale table is visible; entries
 without it are defaults chosen to fit each architecture's shared memory (`aot.SMEM_LIMIT`) and checked by the AOT
 gate in CI.
@@ -35,7 +36,10 @@ TABLES: dict[str, dict[int, list[tuple[int, Config]]]] = {}
 
 
 def family(cc: int) -> int:
-    """The table an architecture reads: 90 (Hopper), 100 (Blackwell datacenter), 120 (RTX Blackwell, GB10)."""
+    """The table an architecture reads: 90 (Hopper), 100 (Blackwell datacenter), 120 (RTX Blackwell, GB10), 0 (the
+    interpreter: CPU tensors)."""
+    if cc == 0:
+        return 0
     if cc >= 120:
         return 120
     if cc >= 100:
@@ -46,14 +50,15 @@ def family(cc: int) -> int:
 def register(kernel: str, table: dict[int, list[tuple[int, Config]]]) -> None:
     """Called by each kernel module at import: its configs per architecture family and bucket."""
     for fam, rows in table.items():
-        assert fam in (90, 100, 120), fam
+        assert fam in (0, 90, 100, 120), fam
         assert [r for r, _ in rows] == sorted(r for r, _ in rows), f"{kernel}/{fam}: buckets must ascend"
     TABLES[kernel] = table
 
 
 def lookup(kernel: str, cc: int, rows: int) -> Config:
     """The config for `rows` on compute capability `cc` (the last bucket serves anything larger)."""
-    buckets = TABLES[kernel][family(cc)]
+    table = TABLES[kernel]
+    buckets = table.get(family(cc)) or table[90]
     for limit, cfg in buckets:
         if rows <= limit:
             return cfg
@@ -61,6 +66,6 @@ def lookup(kernel: str, cc: int, rows: int) -> Config:
 
 
 def production(kernel: str) -> list[tuple[int, int, Config]]:
-    """Every (arch family, bucket, config) of a kernel: what the AOT gate compiles."""
-    return [(fam, limit, cfg) for fam, rows in TABLES[kernel].items() for limit, cfg in rows]
+    """Every (arch family, bucket, config) of a kernel on a GPU: what the AOT gate compiles."""
+    return [(fam, limit, cfg) for fam, rows in TABLES[kernel].items() if fam for limit, cfg in rows]
 

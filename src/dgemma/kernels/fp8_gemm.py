@@ -12,10 +12,10 @@ gate's signature cannot express: without it triton emits byte loads and no cp.as
 therefore be multiples of 16 bytes (K % 16 == 0 for e4m3, N % 8 for bf16 outputs).
 
 Activations arrive in one of two forms:
-* quantised: e4m3 [M,K] + fp32 scale [M,1] (kernels.norm_quant, residual_norm), as fast._quant_rows_eager gives;
+* quantised: e4m3 [M,K] + fp32 scale [M,1] (kernels.norm_quant, residual_norm), as model.lowp.fp8_quantize_rows gives;
 * deferred: bf16 [M,K] + fp32 row-absmax partials [M,P] (written by a producer that never sees a whole row, e.g.
   gemm_gelu's N tiles). The prologue takes s = max(partials, 1e-12) / 448 and quantises each A tile as
-  e4m3(clamp(a / s)), fast._quant_rows_eager's rounding bit for bit (the quotient from the reciprocal and one fma
+  e4m3(clamp(a / s)), model.lowp.fp8_quantize_rows's rounding bit for bit (the quotient from the reciprocal and one fma
   correction, numerics.quant_e4m3: the tile is re-quantised by every N-tile program, so no per-element division).
 
 Epilogue roundings follow the model: projections are bf16 tensors (Fp8Linear returns bf16), gelu_mul's gelu and
@@ -31,8 +31,8 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from . import aot, configs
 from .configs import Config
-from .numerics import (bf16r, device_cc, gelu_tanh, gelu_tanh_ref, interpreting, quant_e4m3, round_bf16,
-                       row_scale)
+from .numerics import (AMAX_FLOOR, E4M3_MAX, bf16r, device_cc, gelu_tanh, gelu_tanh_ref, interpreting, quant_e4m3,
+                       round_bf16, row_scale)
 
 PLAIN, GELU = 0, 1
 
@@ -194,8 +194,8 @@ def cat_weights(*linears: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tens
 def dequant_a(a, a_scale=None, a_amax=None) -> torch.Tensor:
     """The fp32 A the kernel multiplies: e4m3 * scale, or the deferred prologue's quantisation of bf16 a."""
     if a_amax is not None:
-        s = a_amax.amax(dim=-1, keepdim=True).clamp(min=1e-12) / 448.0
-        q = (a.float() / s).clamp(-448.0, 448.0).to(torch.float8_e4m3fn)
+        s = a_amax.amax(dim=-1, keepdim=True).clamp(min=AMAX_FLOOR) / E4M3_MAX
+        q = (a.float() / s).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
         return q.float() * s
     return a.float() * a_scale.reshape(-1, 1)
 

@@ -37,7 +37,6 @@ the tile sizes) and against `sample_ref`, the same arithmetic in torch.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
@@ -46,46 +45,11 @@ import triton.language as tl
 from torch import Tensor
 
 from . import aot, configs
+from .numerics import bf16_rne, device_cc, interpreting, quant_rows_ref, tanh
 from .philox import GUMBEL, K_GUMBEL, exponential, exponential_ref, philox4_ref
 
 NF, NI = 6, 2  # float partial fields (m, s, w, sb, race key, race logit), int fields (argmax, race id)
-E4M3_MAX = 448.0
 REDUCE_ROWS, REDUCE_TILES = 8, 128  # pass 2: rows per program (coalesced partial reads), tiles per chunk
-
-
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
-@triton.jit
-def round_bf16(x):
-    """fp32 -> the fp32 value of bf16(x), round to nearest even (integer trick: the interpreter's own fp32->bf16
-    cast truncates; the compiled cast is RNE too, so both paths give torch's `.to(torch.bfloat16)`)."""
-    b = x.to(tl.uint32, bitcast=True)
-    b = (b + 0x7FFF + ((b >> 16) & 1)) & 0xFFFF0000
-    return b.to(tl.float32, bitcast=True)
-
-
-@triton.jit
-def round_e4m3(x):
-    """fp32 -> the fp32 value of e4m3(x) (round to nearest even; |x| <= 448 expected, as after the clamp)."""
-    b = x.to(tl.uint32, bitcast=True)
-    normal = ((b + 0x7FFFF + ((b >> 20) & 1)) & 0xFFF00000).to(tl.float32, bitcast=True)
-    sub = (x * 512.0 + 12582912.0) - 12582912.0  # multiples of 2^-9 below 2^-6, RNE by the fp32 add
-    return tl.where(tl.abs(x) < 0.015625, sub * 0.001953125, normal)
-
-
-@triton.jit
-def tanh(y):
-    """fp32 tanh without libdevice: Cephes tanhf (odd polynomial below |y| = 0.625, else 1 - 2/(e^2|y| + 1))."""
-    a = tl.abs(y)
-    z = y * y
-    p = ((((-5.70498872745e-3 * z + 2.06390887954e-2) * z - 5.37397155531e-2) * z + 1.33314422036e-1) * z
-         - 3.33332819422e-1) * z * y + y
-    q = 1.0 - 2.0 / (tl.exp(2.0 * a) + 1.0)
-    return tl.where(a < 0.625, p, tl.where(y < 0, -q, q))
-
-
 @triton.jit
 def _block_stats(x, rows, cols, grp0, M, b, pos, t, seed, ctr, xb_ptr, dbg_ptr,
                  V: tl.constexpr, WRITE_XB: tl.constexpr, DEBUG: tl.constexpr):
@@ -98,10 +62,10 @@ def _block_stats(x, rows, cols, grp0, M, b, pos, t, seed, ctr, xb_ptr, dbg_ptr,
     out = rows[:, None] * V + cols[None, :]  # < 2^31: the launcher checks M * V
     ok = (rows < M)[:, None] & col_ok[None, :]
     if DEBUG:
-        tl.store(tl.multiple_of(dbg_ptr + out, [1, 16]), x, mask=ok)
-    xb = round_bf16(x)
-    if WRITE_XB:  # rows of 16-byte aligned runs: aligned bases and V % 8 == 0 (launcher)
-        tl.store(tl.multiple_of(xb_ptr + out, [1, 16]), xb.to(tl.bfloat16), mask=ok)
+        tl.store(dbg_ptr + out, x, mask=ok)
+    xb = bf16_rne(x)
+    if WRITE_XB:
+        tl.store(xb_ptr + out, xb.to(tl.bfloat16), mask=ok)
     # exponential race: sample = argmax_j (x_j - log E_j), E_j ~ Exp(1). One Philox call per 4 ids: counter
     # (id // 4, position, step, GUMBEL), word id % 4 (a quarter of the work and of the live state per id)
     q4: tl.constexpr = x.shape[1] // 4
@@ -121,7 +85,7 @@ def _block_stats(x, rows, cols, grp0, M, b, pos, t, seed, ctr, xb_ptr, dbg_ptr,
     s = tl.sum(p, 1)
     w = tl.sum(p * tl.where(col_ok[None, :], d, 0.0), 1)  # p = 0 past V
     # softmax sum of bf16(proc), the self-conditioning input (the max of rounded values is the rounded max)
-    sb = tl.sum(tl.exp(xb - round_bf16(m)[:, None]), 1)
+    sb = tl.sum(tl.exp(xb - bf16_rne(m)[:, None]), 1)
     return m, am, s, w, sb, gk, gi, gx
 
 
@@ -168,9 +132,8 @@ def _head_kernel(a_ptr, a_scale_ptr, e_ptr, e_scale_ptr, temp_ptr, temp_stride, 
     rk = tl.arange(0, BLOCK_K)
     ra = tl.minimum(rows, M - 1)  # clamped: loads stay in bounds, the tail is masked at the stores
     ce = tl.minimum(cols, V - 1)
-    # 16-byte aligned rows (the launcher checks the bases): what the JIT specialises on, stated for the AOT gate
-    a_ptrs = tl.multiple_of(a_ptr + ra[:, None] * H + rk[None, :], [1, 16])
-    e_ptrs = tl.multiple_of(e_ptr + ce[:, None].to(tl.int64) * H + rk[None, :], [1, 16])
+    a_ptrs = a_ptr + ra[:, None] * H + rk[None, :]
+    e_ptrs = e_ptr + ce[:, None].to(tl.int64) * H + rk[None, :]
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
     for k in range(0, H, BLOCK_K):
         a = tl.load(a_ptrs + k)
@@ -181,7 +144,7 @@ def _head_kernel(a_ptr, a_scale_ptr, e_ptr, e_scale_ptr, temp_ptr, temp_stride, 
         acc = tl.dot(a, tl.trans(e), acc)
     if FP8:
         acc = acc * tl.load(a_scale_ptr + ra)[:, None] * tl.load(e_scale_ptr + ce)[None, :]
-    x = round_bf16(acc)  # the torch path's bf16 GEMM output
+    x = bf16_rne(acc)  # the torch path's bf16 GEMM output
     x = tanh(tl.math.div_rn(x, SOFTCAP)) * SOFTCAP
     _tile_stats(x, rows, pid_n, M, C, temp_ptr, temp_stride, rng_ptr, part_f, part_i, xb_ptr, dbg_ptr,
                 V, NT, WRITE_XB, DEBUG)
@@ -235,7 +198,7 @@ def _reduce_kernel(part_f, part_i, am_ptr, samp_ptr, ent_ptr, lp_am_ptr, lp_samp
         best_gi = tl.where(take, cgi, best_gi)
         best_x = tl.where(take, cgx, best_x)
         best_k = tl.maximum(best_k, cg)
-    mb = round_bf16(best_m)
+    mb = bf16_rne(best_m)
     s_tot = tl.zeros([BLOCK_R], tl.float32)
     w_tot = tl.zeros([BLOCK_R], tl.float32)
     sb_tot = tl.zeros([BLOCK_R], tl.float32)
@@ -250,7 +213,7 @@ def _reduce_kernel(part_f, part_i, am_ptr, samp_ptr, ent_ptr, lp_am_ptr, lp_samp
         f = tl.exp(m - best_m[None, :])
         s_tot += tl.sum(s * f, 0)
         w_tot += tl.sum(f * (w + tl.where(msk, m - best_m[None, :], 0.0) * s), 0)  # f = s = w = 0 if masked
-        sb_tot += tl.sum(sb * tl.exp(round_bf16(m) - mb[None, :]), 0)
+        sb_tot += tl.sum(sb * tl.exp(bf16_rne(m) - mb[None, :]), 0)
     log_s = tl.log(s_tot)
     tl.store(am_ptr + rows, best_am.to(tl.int64), mask=row_ok)
     tl.store(samp_ptr + rows, best_gi.to(tl.int64), mask=row_ok)
@@ -274,14 +237,13 @@ configs.register("head_partials_fp8", {90: [(2048, configs.Config(128, 64, 128, 
 # logits_partials (no GEMM): 32-row tiles; its block_n must equal the head's (the partial buffers' tile count)
 configs.register("logits_partials", {fam: [(2048, configs.Config(block_m=32, block_n=64, num_warps=4, num_stages=1))]
                                      for fam in (90, 100, 120)})
-CPU_CONFIG = configs.Config(block_m=64, block_n=128, block_k=32, num_warps=4, num_stages=1)  # interpreter tests
+CPU_CONFIG = configs.Config(block_m=64, block_n=128, block_k=32, num_warps=4, num_stages=1)  # interpreter
+for _k in ("head_partials", "head_partials_fp8", "logits_partials"):
+    configs.TABLES[_k][0] = [(2048, CPU_CONFIG)]
 
 
 def pick(kernel: str, rows: int, device) -> configs.Config:
-    if torch.device(device).type != "cuda":
-        return CPU_CONFIG
-    major, minor = torch.cuda.get_device_capability(device)
-    return configs.lookup(kernel, major * 10 + minor, rows)
+    return configs.lookup(kernel, device_cc(device), rows)
 
 
 # -- buffers and launchers ---------------------------------------------------------------------------------------
@@ -321,11 +283,7 @@ def _check_rng(rng: Tensor, b: int) -> None:
     assert rng.dtype == torch.int64 and rng.shape == (b, 2) and rng.is_contiguous(), "rng must be int64 [B, 2]"
 
 
-def quant_rows(x: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-row e4m3 quantisation with an fp32 absmax scale [..., 1]: the arithmetic of runtime.fast._quant_rows."""
-    xf = x.float()
-    s = xf.abs().amax(dim=-1, keepdim=True).clamp(min=1e-12) / E4M3_MAX
-    return (xf / s).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn), s
+quant_rows = quant_rows_ref  # per-row e4m3 with an fp32 absmax scale [..., 1] (Fp8Linear's activations)
 
 
 def head_partials(hidden: Tensor, weight: Tensor, temp: Tensor, rng: Tensor, c: int, out: Partials, *,
@@ -338,7 +296,6 @@ def head_partials(hidden: Tensor, weight: Tensor, temp: Tensor, rng: Tensor, c: 
     fp8 = weight.dtype == torch.float8_e4m3fn
     cfg = cfg or pick("head_partials_fp8" if fp8 else "head_partials", m, hidden.device)
     assert h % cfg.block_k == 0 and cfg.block_n == out.block_n and weight.shape[1] == h and v % 16 == 0
-    assert hidden.data_ptr() % 16 == 0 and weight.data_ptr() % 16 == 0 and out.xb.data_ptr() % 16 == 0
     _check_rng(rng, m // c)
     a, a_scale = quant_rows(hidden) if fp8 else (hidden.contiguous(), None)
     if fp8:

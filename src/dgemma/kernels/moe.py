@@ -6,7 +6,6 @@ for `Fp8Experts.forward`), `fp8_moe_reference` (the same arithmetic in torch), t
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
@@ -16,11 +15,8 @@ from torch import Tensor
 
 from . import aot, configs
 from .configs import Config
+from .numerics import E4M3_MAX_C, device_cc, gelu_tanh, gelu_tanh_ref, interpreting, quant_rows_ref, store_cast, to_e4m3
 
-E4M3_MAX = 448.0
-# triton 3.6's interpreter truncates fp32 -> bf16/fp8 casts and keeps bf16 as raw bits (its dot then reads integers):
-# under it the kernels round in integer arithmetic (= IEEE round-to-nearest-even) and hold bf16 operands in fp32.
-EMULATE = os.environ.get("TRITON_INTERPRET", "0") == "1"
 DISPATCH_CHUNK, TILE_CHUNK, QUANT_ROWS, QUANT_BLOCK, COMBINE_ROWS, COMBINE_BLOCK = 1024, 64, 4, 512, 4, 512
 
 
@@ -31,81 +27,10 @@ def empty(*shape: int, dtype: torch.dtype, device) -> Tensor:
 
 # -- jit helpers (shared with moe_w4a16) --------------------------------------------------------------------------
 @triton.jit
-def _tile_ptrs(base, rows, cols, STRIDE: tl.constexpr, ALIGN: tl.constexpr):
-    """base + rows x STRIDE + cols as a [rows, cols] block of pointers."""
-    ptrs = base + rows[:, None] * STRIDE + cols[None, :]
-    # the launcher checked 16-byte aligned rows: lets the AOT compile vectorise (cp.async) as the runtime JIT does.
-    # (The hint must sit on the op that makes the pointers, hence this helper builds them.)
-    if ALIGN:
-        ptrs = tl.multiple_of(ptrs, [16, 16])
-    return ptrs
-
-
-@triton.jit
-def _bf16_bits(v):
-    """fp32 -> fp32 bits of the bf16 round-to-nearest-even value (low 16 bits zero)."""
-    b = v.to(tl.uint32, bitcast=True)
-    return (b + 0x7FFF + ((b >> 16) & 1)) & 0xFFFF0000
-
-
-@triton.jit
-def _bf16_value(v, EMULATE: tl.constexpr):
-    """fp32 -> fp32 holding the bf16-rounded value."""
-    if EMULATE:
-        r = _bf16_bits(v).to(tl.float32, bitcast=True)
-    else:
-        r = v.to(tl.bfloat16).to(tl.float32)
-    return r
-
-
-@triton.jit
-def _bf16_operand(v, EMULATE: tl.constexpr):
-    """fp32 -> bf16 MMA operand (under the interpreter: the bf16 value held in fp32)."""
-    if EMULATE:
-        r = _bf16_bits(v).to(tl.float32, bitcast=True)
-    else:
-        r = v.to(tl.bfloat16)
-    return r
-
-
-@triton.jit
-def _store_cast(ptrs, v, mask, EMULATE: tl.constexpr):
-    """Store fp32 v into an fp32 or bf16 buffer (bf16: round to nearest even)."""
-    if ptrs.dtype.element_ty == tl.bfloat16:
-        if EMULATE:
-            v = (_bf16_bits(v) >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
-        else:
-            v = v.to(tl.bfloat16)
-    tl.store(ptrs, v, mask=mask)
-
-
-@triton.jit
-def _to_e4m3(v, EMULATE: tl.constexpr):
-    """fp32 -> e4m3, clamped to +-448 then rounded to nearest even (torch's `.clamp(-448, 448).to(e4m3fn)`)."""
-    v = tl.minimum(tl.maximum(v, -448.0), 448.0)
-    if EMULATE:
-        bits = v.to(tl.uint32, bitcast=True)
-        a = (bits & 0x7FFFFFFF).to(tl.float32, bitcast=True)
-        ex = ((bits >> 23) & 0xFF).to(tl.int32)
-        # round |v| to a multiple of the e4m3 spacing 2^(e-3) (2^-9 below the normal range): adding and subtracting
-        # 1.5 * 2^(spacing + 23) leaves exactly that rounding (to nearest even) to the fp32 adder
-        sp = tl.maximum(ex - 3, 118)
-        magic = (((sp + 23) << 23) | 0x400000).to(tl.float32, bitcast=True)
-        r = (a + magic) - magic
-        rb = r.to(tl.uint32, bitcast=True)
-        code = tl.where(r < 0.015625, (r * 512.0).to(tl.uint32), (((rb >> 23) - 120) << 3) | ((rb >> 20) & 7))
-        q = (code | ((bits >> 24) & 0x80)).to(tl.uint8).to(tl.float8e4nv, bitcast=True)
-    else:
-        q = v.to(tl.float8e4nv)
-    return q
-
-
-@triton.jit
-def _gelu_tanh(g):
-    z = 0.7978845608028654 * (g + 0.044715 * (g * g * g))
-    # tanh(z) = 1 - 2 / (e^(2z) + 1), e^(2z) = 2^(z * 2/ln 2); at z >= 30 that is 1.0 in fp32 (no inf on the way)
-    t = 1.0 - 2.0 / (tl.exp2(tl.minimum(z, 30.0) * 2.8853900817779268) + 1.0)
-    return 0.5 * g * (1.0 + t)
+def _tile_ptrs(base, rows, cols, STRIDE: tl.constexpr):
+    """base + rows x STRIDE + cols as a [rows, cols] block of pointers (row alignment: the JIT's specialisation of an
+    aligned base with a constexpr stride; the AOT gate compiles the same, aot.AotSpec)."""
+    return base + rows[:, None] * STRIDE + cols[None, :]
 
 
 @triton.jit
@@ -150,7 +75,7 @@ def _tokens_major(acc, BLOCK_M: tl.constexpr):
 def _dispatch_kernel(idx_ptr, counts_ptr, offsets_ptr, order_ptr, tile_expert_ptr, tile_start_ptr, num_tiles_ptr,
                      x_ptr, xq_ptr, xs_ptr, P, T, E: tl.constexpr, E_POW2: tl.constexpr, H: tl.constexpr,
                      BLOCK_M: tl.constexpr, CHUNK: tl.constexpr, TILES: tl.constexpr, QROWS: tl.constexpr,
-                     QBLOCK: tl.constexpr, QUANT_X: tl.constexpr, ALIGN: tl.constexpr, EMULATE: tl.constexpr):
+                     QBLOCK: tl.constexpr, QUANT_X: tl.constexpr, EMULATE: tl.constexpr):
     """Program e < E: expert e's count, its start in the grouped order, its pairs (ascending = a stable sort), its
     BLOCK_M tiles. Every program histograms all pairs itself, so no grid-wide sync is needed. Programs >= E quantise
     QROWS token rows each to e4m3 (FP8 path). Expert ids must lie in [0, E)."""
@@ -190,14 +115,14 @@ def _dispatch_kernel(idx_ptr, counts_ptr, offsets_ptr, order_ptr, tile_expert_pt
         amax = tl.zeros([QROWS, QBLOCK], tl.float32)
         for h0 in range(0, H, QBLOCK):
             m = (rows < T)[:, None] & (h0 + cols < H)[None, :]
-            v = tl.load(_tile_ptrs(x_ptr + h0, rows, cols, H, ALIGN), mask=m, other=0.0).to(tl.float32)
+            v = tl.load(_tile_ptrs(x_ptr + h0, rows, cols, H), mask=m, other=0.0).to(tl.float32)
             amax = tl.maximum(amax, tl.abs(v))
-        s = tl.math.div_rn(tl.maximum(tl.max(amax, 1), 1e-12), 448.0)
+        s = tl.math.div_rn(tl.maximum(tl.max(amax, 1), 1e-12), E4M3_MAX_C)
         tl.store(xs_ptr + rows, s, mask=rows < T)
         for h0 in range(0, H, QBLOCK):
             m = (rows < T)[:, None] & (h0 + cols < H)[None, :]
-            v = tl.load(_tile_ptrs(x_ptr + h0, rows, cols, H, ALIGN), mask=m, other=0.0).to(tl.float32)
-            tl.store(_tile_ptrs(xq_ptr + h0, rows, cols, H, ALIGN), _to_e4m3(tl.math.div_rn(v, s[:, None]), EMULATE),
+            v = tl.load(_tile_ptrs(x_ptr + h0, rows, cols, H), mask=m, other=0.0).to(tl.float32)
+            tl.store(_tile_ptrs(xq_ptr + h0, rows, cols, H), to_e4m3(tl.math.div_rn(v, s[:, None]), EMULATE),
                      mask=m)
 
 
@@ -237,24 +162,24 @@ def dispatch(idx: Tensor, num_experts: int, block_m: int, x: Tensor | None = Non
         r.order if x is None else x, r.order if x is None else r.xq, r.order if x is None else r.xs, p, t,
         E=num_experts, E_POW2=triton.next_power_of_2(num_experts), H=h, BLOCK_M=block_m, CHUNK=DISPATCH_CHUNK,
         TILES=TILE_CHUNK, QROWS=QUANT_ROWS, QBLOCK=QUANT_BLOCK, QUANT_X=x is not None,
-        ALIGN=x is not None and aligned(x, r.xq), EMULATE=EMULATE, num_warps=4)
+        EMULATE=interpreting(), num_warps=4)
     return r
 
 
 # -- combine ------------------------------------------------------------------------------------------------------
 @triton.jit
 def _combine_kernel(y_ptr, out_ptr, T, H: tl.constexpr, TOP_K: tl.constexpr, ROWS: tl.constexpr,
-                    BLOCK_H: tl.constexpr, ALIGN: tl.constexpr, EMULATE: tl.constexpr):
+                    BLOCK_H: tl.constexpr, EMULATE: tl.constexpr):
     """out[t] = sum over the k slots of the routing-weighted pair rows, in slot order (fp32; deterministic)."""
     t = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     c0 = tl.program_id(1) * BLOCK_H
     cols = tl.arange(0, BLOCK_H)
     m = (t < T)[:, None] & (c0 + cols < H)[None, :]
-    y_ptrs = _tile_ptrs(y_ptr + c0, t * TOP_K, cols, H, ALIGN)
+    y_ptrs = _tile_ptrs(y_ptr + c0, t * TOP_K, cols, H)
     acc = tl.load(y_ptrs, mask=m, other=0.0).to(tl.float32)
     for j in tl.static_range(1, TOP_K):
         acc += tl.load(y_ptrs + j * H, mask=m, other=0.0).to(tl.float32)
-    _store_cast(_tile_ptrs(out_ptr + c0, t, cols, H, ALIGN), acc, m, EMULATE)
+    store_cast(_tile_ptrs(out_ptr + c0, t, cols, H), acc, m, EMULATE)
 
 
 def combine(y: Tensor, t: int, k: int, dtype: torch.dtype) -> Tensor:
@@ -262,8 +187,7 @@ def combine(y: Tensor, t: int, k: int, dtype: torch.dtype) -> Tensor:
     h = y.shape[-1]
     out = empty(t, h, dtype=dtype, device=y.device)
     _combine_kernel[(triton.cdiv(t, COMBINE_ROWS), triton.cdiv(h, COMBINE_BLOCK))](
-        y, out, t, H=h, TOP_K=k, ROWS=COMBINE_ROWS, BLOCK_H=COMBINE_BLOCK, ALIGN=aligned(y, out), EMULATE=EMULATE,
-        num_warps=4)
+        y, out, t, H=h, TOP_K=k, ROWS=COMBINE_ROWS, BLOCK_H=COMBINE_BLOCK, EMULATE=interpreting(), num_warps=4)
     return out
 
 
@@ -274,26 +198,12 @@ def pair_dtype(x: Tensor) -> torch.dtype:
     return x.dtype
 
 
-def aligned(*tensors: Tensor) -> bool:
-    """Every row of every tensor starts on a 16-byte boundary (what the kernels' ALIGN hint promises)."""
-    return all(t.data_ptr() % 16 == 0 and all(s * t.element_size() % 16 == 0 for s in t.stride()[:-1])
-               for t in tensors)
-
-
-def capability(device: torch.device) -> int:
-    """Compute capability x10 of a CUDA device; the Hopper table elsewhere (interpreter runs)."""
-    if device.type == "cuda":
-        major, minor = torch.cuda.get_device_capability(device)
-        return 10 * major + minor
-    return 90
-
-
 # -- FP8 GEMMs ----------------------------------------------------------------------------------------------------
 @triton.jit
 def _fp8_gate_up_kernel(xq_ptr, xs_ptr, order_ptr, offsets_ptr, tile_expert_ptr, tile_start_ptr, num_tiles_ptr,
                         w_ptr, ws_ptr, h_ptr, hq_ptr, hs_ptr, H: tl.constexpr, I: tl.constexpr,
                         TOP_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                        ALIGN: tl.constexpr, EMULATE: tl.constexpr):
+                        EMULATE: tl.constexpr):
     """One tile of one expert's token rows against all 2I gate/up rows of its weights (read once per tile):
     h = GELU(g)·u in fp32 to a scratch row block, then, with the row absmax known, e4m3 h and its per-row scale."""
     tile = tl.program_id(0)
@@ -303,9 +213,9 @@ def _fp8_gate_up_kernel(xq_ptr, xs_ptr, order_ptr, offsets_ptr, tile_expert_ptr,
     sx = tl.load(xs_ptr + pair // TOP_K, mask=rmask, other=0.0)
     ws_e = ws_ptr + e * (2 * I)
     kk, nn = tl.arange(0, BLOCK_K), tl.arange(0, BLOCK_N)
-    a_ptrs = _tile_ptrs(xq_ptr, pair // TOP_K, kk, H, ALIGN)  # the tile's token rows, gathered in place
-    w_ptrs = _tile_ptrs(w_ptr + e.to(tl.int64) * (2 * I * H), nn, kk, H, ALIGN)
-    h_ptrs = _tile_ptrs(h_ptr, rows, nn, I, ALIGN)
+    a_ptrs = _tile_ptrs(xq_ptr, pair // TOP_K, kk, H)  # the tile's token rows, gathered in place
+    w_ptrs = _tile_ptrs(w_ptr + e.to(tl.int64) * (2 * I * H), nn, kk, H)
+    h_ptrs = _tile_ptrs(h_ptr, rows, nn, I)
     amax = tl.zeros([BLOCK_M], tl.float32)
     for n0 in range(0, I, BLOCK_N):
         nmask = n0 + nn < I
@@ -320,23 +230,23 @@ def _fp8_gate_up_kernel(xq_ptr, xs_ptr, order_ptr, offsets_ptr, tile_expert_ptr,
             acc_u = _mma(acc_u, a, wu, BLOCK_M)
         g = _tokens_major(acc_g, BLOCK_M) * sx[:, None] * tl.load(ws_e + n0 + nn, mask=nmask, other=0.0)[None, :]
         u = _tokens_major(acc_u, BLOCK_M) * sx[:, None] * tl.load(ws_e + I + n0 + nn, mask=nmask, other=0.0)[None, :]
-        h = _gelu_tanh(g) * u
+        h = gelu_tanh(g) * u
         amax = tl.maximum(amax, tl.max(tl.abs(h), 1))
         tl.store(h_ptrs + n0, h, mask=rmask[:, None] & nmask[None, :])
     tl.debug_barrier()  # the second pass reads rows other threads of this program wrote
-    hs = tl.math.div_rn(tl.maximum(amax, 1e-12), 448.0)
+    hs = tl.math.div_rn(tl.maximum(amax, 1e-12), E4M3_MAX_C)
     tl.store(hs_ptr + rows, hs, mask=rmask)
-    hq_ptrs = _tile_ptrs(hq_ptr, rows, nn, I, ALIGN)
+    hq_ptrs = _tile_ptrs(hq_ptr, rows, nn, I)
     for n0 in range(0, I, BLOCK_N):
         m = rmask[:, None] & (n0 + nn < I)[None, :]
-        q = _to_e4m3(tl.math.div_rn(tl.load(h_ptrs + n0, mask=m, other=0.0), hs[:, None]), EMULATE)
+        q = to_e4m3(tl.math.div_rn(tl.load(h_ptrs + n0, mask=m, other=0.0), hs[:, None]), EMULATE)
         tl.store(hq_ptrs + n0, q, mask=m)
 
 
 @triton.jit
 def _fp8_down_kernel(hq_ptr, hs_ptr, order_ptr, offsets_ptr, tile_expert_ptr, tile_start_ptr, num_tiles_ptr,
                      w_ptr, ws_ptr, rw_ptr, y_ptr, H: tl.constexpr, I: tl.constexpr, BLOCK_M: tl.constexpr,
-                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ALIGN: tl.constexpr, EMULATE: tl.constexpr):
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EMULATE: tl.constexpr):
     """One tile x BLOCK_N output columns: y = (hq @ w8ᵀ) · h_scale · w_scale · routing weight, written to the rows
     of its (token, slot) pairs."""
     tile = tl.program_id(0)
@@ -346,8 +256,8 @@ def _fp8_down_kernel(hq_ptr, hs_ptr, order_ptr, offsets_ptr, tile_expert_ptr, ti
     rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     nmask = rn < H
     kk = tl.arange(0, BLOCK_K)
-    a_ptrs = _tile_ptrs(hq_ptr, rows, kk, I, ALIGN)
-    w_ptrs = _tile_ptrs(w_ptr + e.to(tl.int64) * (H * I), rn, kk, I, ALIGN)
+    a_ptrs = _tile_ptrs(hq_ptr, rows, kk, I)
+    w_ptrs = _tile_ptrs(w_ptr + e.to(tl.int64) * (H * I), rn, kk, I)
     acc = _acc(BLOCK_M, BLOCK_N)
     for k0 in range(0, I, BLOCK_K):
         kmask = (k0 + kk < I)[None, :]
@@ -357,7 +267,7 @@ def _fp8_down_kernel(hq_ptr, hs_ptr, order_ptr, offsets_ptr, tile_expert_ptr, ti
     y = _tokens_major(acc, BLOCK_M) * tl.load(hs_ptr + rows, mask=rmask, other=0.0)[:, None]
     y = y * tl.load(ws_ptr + e * H + rn, mask=nmask, other=0.0)[None, :]
     y = y * tl.load(rw_ptr + pair, mask=rmask, other=0.0)[:, None]
-    _store_cast(_tile_ptrs(y_ptr, pair, rn, H, ALIGN), y, rmask[:, None] & nmask[None, :], EMULATE)
+    store_cast(_tile_ptrs(y_ptr, pair, rn, H), y, rmask[:, None] & nmask[None, :], EMULATE)
 
 
 GATE_UP, DOWN = "moe_fp8_gate_up", "moe_fp8_down"
@@ -390,7 +300,7 @@ configs.register(DOWN, {
 
 def launch_configs(gate_up: str, down: str, device: torch.device, pairs: int, experts: int) -> tuple[Config, Config]:
     """The (gate/up, down) configs for the mean tokens per expert; both share the tile schedule (one block_m)."""
-    cc, rows = capability(device), triton.cdiv(pairs, experts)
+    cc, rows = device_cc(device), triton.cdiv(pairs, experts)
     cg, cd = configs.lookup(gate_up, cc, rows), configs.lookup(down, cc, rows)
     assert cg.block_m == cd.block_m, (gate_up, cc, rows)
     return cg, cd
@@ -414,27 +324,21 @@ def fp8_moe(x: Tensor, weights: Tensor, idx: Tensor, w_gate_up: Tensor, s_gate_u
     mt = r.tile_expert.numel()
     _fp8_gate_up_kernel[(mt,)](
         r.xq, r.xs, r.order, r.offsets, r.tile_expert, r.tile_start, r.num_tiles, w_gate_up, s_gate_up, hbuf, hq, hs,
-        H=h, I=i, TOP_K=k, **cg.constexprs(), ALIGN=aligned(r.xq, w_gate_up, hbuf, hq), EMULATE=EMULATE,
-        num_warps=cg.num_warps, num_stages=cg.num_stages)
+        H=h, I=i, TOP_K=k, **cg.constexprs(), EMULATE=interpreting(), num_warps=cg.num_warps,
+        num_stages=cg.num_stages)
     y = empty(p, h, dtype=ydt, device=dev)
     _fp8_down_kernel[(mt, triton.cdiv(h, cd.block_n))](
         hq, hs, r.order, r.offsets, r.tile_expert, r.tile_start, r.num_tiles, w_down, s_down,
-        weights.reshape(-1).float().contiguous(), y, H=h, I=i, **cd.constexprs(), ALIGN=aligned(hq, w_down, y),
-        EMULATE=EMULATE, num_warps=cd.num_warps, num_stages=cd.num_stages)
+        weights.reshape(-1).float().contiguous(), y, H=h, I=i, **cd.constexprs(), EMULATE=interpreting(),
+        num_warps=cd.num_warps, num_stages=cd.num_stages)
     return combine(y, t, k, x.dtype)
 
 
 # -- torch reference (the same arithmetic, e4m3 rounding points included) -----------------------------------------
 def quant_rows_reference(x: Tensor) -> tuple[Tensor, Tensor]:
-    """x [..., K] -> e4m3 [..., K], fp32 scale [...]: per-row absmax / 448."""
-    xf = x.float()
-    s = xf.abs().amax(dim=-1, keepdim=True).clamp(min=1e-12) / E4M3_MAX
-    return (xf / s).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn), s.squeeze(-1)
-
-
-def gelu_tanh_reference(g: Tensor) -> Tensor:
-    z = 0.7978845608028654 * (g + 0.044715 * (g * g * g))
-    return 0.5 * g * (1.0 + (1.0 - 2.0 / (torch.exp2(z.clamp(max=30.0) * 2.8853900817779268) + 1.0)))
+    """x [..., K] -> e4m3 [..., K], fp32 scale [...] (Fp8Experts' scale layout): numerics.quant_rows_ref."""
+    q, s = quant_rows_ref(x)
+    return q, s.squeeze(-1)
 
 
 def dispatch_reference(idx: Tensor, num_experts: int, block_m: int) -> dict[str, Tensor]:
@@ -480,7 +384,7 @@ def fp8_moe_reference(x: Tensor, weights: Tensor, idx: Tensor, w_gate_up: Tensor
         acc = xq[tok].float() @ w_gate_up[ex].float().t()
         g = acc[:, :i] * xs[tok][:, None] * sg[None, :i]
         u = acc[:, i:] * xs[tok][:, None] * sg[None, i:]
-        hq, hs = quant_rows_reference(gelu_tanh_reference(g) * u)
+        hq, hs = quant_rows_reference(gelu_tanh_ref(g) * u)
         yd = (hq.float() @ w_down[ex].float().t()) * hs[:, None] * sd[None, :] * rw[pairs][:, None]
         y[pairs] = yd.to(y.dtype)
     return combine_reference(y.view(t, k, h), x.dtype)
@@ -502,7 +406,7 @@ def gemm_specs(kernel: str, fn, types: dict[str, str], consts: dict) -> list[aot
     for fam, rows, cfg in configs.production(kernel):
         seen.setdefault((fam, cfg), []).append(rows)
     return [aot.AotSpec(f"{kernel}/sm{fam}/rows<={','.join(map(str, rows))}/{c.block_m}x{c.block_n}x{c.block_k}",
-                        fn, signature(fn, types), dict(consts, **c.constexprs(), ALIGN=True, EMULATE=False), fam,
+                        fn, signature(fn, types), dict(consts, **c.constexprs(), EMULATE=False), fam,
                         c.num_warps, c.num_stages, tensor_cores=True)
             for (fam, c), rows in seen.items()]
 
@@ -521,10 +425,10 @@ def aot_specs() -> list[aot.AotSpec]:
     for cc in aot.ARCHS:
         specs.append(aot.AotSpec(f"moe_dispatch/sm{cc}", _dispatch_kernel, signature(_dispatch_kernel, disp),
                                  dict(E=FULL["E"], E_POW2=FULL["E"], H=h, BLOCK_M=16, CHUNK=DISPATCH_CHUNK,
-                                      TILES=TILE_CHUNK, QROWS=QUANT_ROWS, QBLOCK=QUANT_BLOCK, QUANT_X=True, ALIGN=True,
+                                      TILES=TILE_CHUNK, QROWS=QUANT_ROWS, QBLOCK=QUANT_BLOCK, QUANT_X=True,
                                       EMULATE=False), cc, 4, 1))
         specs.append(aot.AotSpec(f"moe_combine/sm{cc}", _combine_kernel,
                                  signature(_combine_kernel, {"y_ptr": "*bf16", "out_ptr": "*bf16", "T": "i32"}),
-                                 dict(H=h, TOP_K=k, ROWS=COMBINE_ROWS, BLOCK_H=COMBINE_BLOCK, ALIGN=True,
+                                 dict(H=h, TOP_K=k, ROWS=COMBINE_ROWS, BLOCK_H=COMBINE_BLOCK,
                                       EMULATE=False), cc, 4, 1))
     return specs

@@ -12,13 +12,13 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ..model.lowp import NVFP4_BLOCK, nvfp4_decode
 from . import configs, moe
 from .configs import Config
-from .moe import (EMULATE, _acc, _bf16_operand, _bf16_value, _gelu_tanh, _mma, _store_cast, _tile_ptrs, _tile_rows,
-                  _tokens_major)
+from .moe import _acc, _mma, _tile_ptrs, _tile_rows, _tokens_major
+from .numerics import bf16_operand, gelu_tanh, gelu_tanh_ref, interpreting, round_bf16, store_cast
 
-BLOCK = 16  # NVFP4 block along K
-_E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
+BLOCK = NVFP4_BLOCK  # along K
 
 
 @triton.jit
@@ -42,16 +42,16 @@ def _nvfp4_tile(p_ptrs, s_ptrs, gscale, k0, nmask, K: tl.constexpr, BLOCK_N: tl.
     ks = tl.arange(0, BLOCK_K // 16)
     b = tl.load(p_ptrs + k0 // 2, mask=nmask[:, None] & (k0 // 2 + kh < K // 2)[None, :], other=0)
     bs = tl.load(s_ptrs + k0 // 16, mask=nmask[:, None] & (k0 // 16 + ks < K // 16)[None, :], other=0.0)
-    s = _bf16_value(bs.to(tl.float32) * gscale, EMULATE)
+    s = round_bf16(bs.to(tl.float32) * gscale, EMULATE)
     s = tl.reshape(tl.broadcast_to(s[:, :, None], [BLOCK_N, BLOCK_K // 16, 16]), [BLOCK_N, BLOCK_K])
     codes = tl.reshape(tl.join(b & 0xF, b >> 4), [BLOCK_N, BLOCK_K])  # the low nibble is the even element
-    return _bf16_operand(_e2m1(codes) * s, EMULATE)
+    return bf16_operand(_e2m1(codes) * s, EMULATE)
 
 
 @triton.jit
 def _w4a16_gate_up_kernel(x_ptr, order_ptr, offsets_ptr, tile_expert_ptr, tile_start_ptr, num_tiles_ptr,
                           wp_ptr, wsc_ptr, wg_ptr, h_ptr, H: tl.constexpr, I: tl.constexpr, TOP_K: tl.constexpr,
-                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ALIGN: tl.constexpr,
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                           EMULATE: tl.constexpr):
     """One tile x BLOCK_N gate columns and the matching up columns: h = GELU(x @ gateᵀ)·(x @ upᵀ), stored bf16."""
     tile = tl.program_id(0)
@@ -61,28 +61,28 @@ def _w4a16_gate_up_kernel(x_ptr, order_ptr, offsets_ptr, tile_expert_ptr, tile_s
     rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     nmask = rn < I
     kk = tl.arange(0, BLOCK_K)
-    a_ptrs = _tile_ptrs(x_ptr, pair // TOP_K, kk, H, ALIGN)  # the tile's token rows, gathered in place
+    a_ptrs = _tile_ptrs(x_ptr, pair // TOP_K, kk, H)  # the tile's token rows, gathered in place
     e64 = e.to(tl.int64)
-    gp = _tile_ptrs(wp_ptr + e64 * (I * H), rn, tl.arange(0, BLOCK_K // 2), H // 2, ALIGN)
+    gp = _tile_ptrs(wp_ptr + e64 * (I * H), rn, tl.arange(0, BLOCK_K // 2), H // 2)
     gs = wsc_ptr + e64 * (2 * I * (H // 16)) + rn[:, None] * (H // 16) + tl.arange(0, BLOCK_K // 16)[None, :]
     gscale = tl.load(wg_ptr + e)
     acc_g = _acc(BLOCK_M, BLOCK_N)
     acc_u = _acc(BLOCK_M, BLOCK_N)
     for k0 in range(0, H, BLOCK_K):
         a = tl.load(a_ptrs + k0, mask=rmask[:, None] & (k0 + kk < H)[None, :], other=0.0)
-        a = _bf16_operand(a.to(tl.float32), EMULATE)
+        a = bf16_operand(a.to(tl.float32), EMULATE)
         wg = _nvfp4_tile(gp, gs, gscale, k0, nmask, H, BLOCK_N, BLOCK_K, EMULATE)
         acc_g = _mma(acc_g, a, wg, BLOCK_M)
         wu = _nvfp4_tile(gp + I * (H // 2), gs + I * (H // 16), gscale, k0, nmask, H, BLOCK_N, BLOCK_K, EMULATE)
         acc_u = _mma(acc_u, a, wu, BLOCK_M)
-    h = _gelu_tanh(_tokens_major(acc_g, BLOCK_M)) * _tokens_major(acc_u, BLOCK_M)
-    _store_cast(_tile_ptrs(h_ptr, rows, rn, I, ALIGN), h, rmask[:, None] & nmask[None, :], EMULATE)
+    h = gelu_tanh(_tokens_major(acc_g, BLOCK_M)) * _tokens_major(acc_u, BLOCK_M)
+    store_cast(_tile_ptrs(h_ptr, rows, rn, I), h, rmask[:, None] & nmask[None, :], EMULATE)
 
 
 @triton.jit
 def _w4a16_down_kernel(h_ptr, order_ptr, offsets_ptr, tile_expert_ptr, tile_start_ptr, num_tiles_ptr,
                        wp_ptr, wsc_ptr, wg_ptr, rw_ptr, y_ptr, H: tl.constexpr, I: tl.constexpr, BLOCK_M: tl.constexpr,
-                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ALIGN: tl.constexpr, EMULATE: tl.constexpr):
+                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EMULATE: tl.constexpr):
     """One tile x BLOCK_N output columns: y = (h @ downᵀ) · routing weight, written to its (token, slot) rows."""
     tile = tl.program_id(0)
     if tile >= tl.load(num_tiles_ptr):
@@ -91,9 +91,9 @@ def _w4a16_down_kernel(h_ptr, order_ptr, offsets_ptr, tile_expert_ptr, tile_star
     rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     nmask = rn < H
     kk = tl.arange(0, BLOCK_K)
-    a_ptrs = _tile_ptrs(h_ptr, rows, kk, I, ALIGN)
+    a_ptrs = _tile_ptrs(h_ptr, rows, kk, I)
     e64 = e.to(tl.int64)
-    dp = _tile_ptrs(wp_ptr + e64 * (H * (I // 2)), rn, tl.arange(0, BLOCK_K // 2), I // 2, ALIGN)
+    dp = _tile_ptrs(wp_ptr + e64 * (H * (I // 2)), rn, tl.arange(0, BLOCK_K // 2), I // 2)
     ds = wsc_ptr + e64 * (H * (I // 16)) + rn[:, None] * (I // 16) + tl.arange(0, BLOCK_K // 16)[None, :]
     gscale = tl.load(wg_ptr + e)
     acc = _acc(BLOCK_M, BLOCK_N)
@@ -103,7 +103,7 @@ def _w4a16_down_kernel(h_ptr, order_ptr, offsets_ptr, tile_expert_ptr, tile_star
             a = a.to(tl.float32)
         acc = _mma(acc, a, _nvfp4_tile(dp, ds, gscale, k0, nmask, I, BLOCK_N, BLOCK_K, EMULATE), BLOCK_M)
     y = _tokens_major(acc, BLOCK_M) * tl.load(rw_ptr + pair, mask=rmask, other=0.0)[:, None]
-    _store_cast(_tile_ptrs(y_ptr, pair, rn, H, ALIGN), y, rmask[:, None] & nmask[None, :], EMULATE)
+    store_cast(_tile_ptrs(y_ptr, pair, rn, H), y, rmask[:, None] & nmask[None, :], EMULATE)
 
 
 @triton.jit
@@ -114,11 +114,11 @@ def _nvfp4_dequant_kernel(wp_ptr, wsc_ptr, wg_ptr, out_ptr, N: tl.constexpr, K: 
     rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     k0 = tl.program_id(2) * BLOCK_K
     nmask = rn < N
-    p = _tile_ptrs(wp_ptr + e64 * (N * (K // 2)), rn, tl.arange(0, BLOCK_K // 2), K // 2, False)
+    p = _tile_ptrs(wp_ptr + e64 * (N * (K // 2)), rn, tl.arange(0, BLOCK_K // 2), K // 2)
     s = wsc_ptr + e64 * (N * (K // 16)) + rn[:, None] * (K // 16) + tl.arange(0, BLOCK_K // 16)[None, :]
     w = _nvfp4_tile(p, s, tl.load(wg_ptr + e64), k0, nmask, K, BLOCK_N, BLOCK_K, EMULATE)
     rk = k0 + tl.arange(0, BLOCK_K)
-    _store_cast(out_ptr + e64 * (N * K) + rn[:, None] * K + rk[None, :], w, nmask[:, None] & (rk < K)[None, :],
+    store_cast(out_ptr + e64 * (N * K) + rn[:, None] * K + rk[None, :], w, nmask[:, None] & (rk < K)[None, :],
                 EMULATE)
 
 
@@ -128,7 +128,7 @@ def nvfp4_dequant(packed: Tensor, scale: Tensor, scale_2: Tensor, *, block_n: in
     out = moe.empty(e, n, 2 * kh, dtype=torch.bfloat16, device=packed.device)
     _nvfp4_dequant_kernel[(e, triton.cdiv(n, block_n), triton.cdiv(2 * kh, block_k))](
         packed.view(torch.uint8), scale, scale_2.float().contiguous(), out, N=n, K=2 * kh, BLOCK_N=block_n,
-        BLOCK_K=block_k, EMULATE=EMULATE)
+        BLOCK_K=block_k, EMULATE=interpreting())
     return out
 
 
@@ -181,23 +181,19 @@ def w4a16_moe(x: Tensor, weights: Tensor, idx: Tensor, gate_up_packed: Tensor, g
     _w4a16_gate_up_kernel[(mt, triton.cdiv(i, cg.block_n))](
         x, r.order, r.offsets, r.tile_expert, r.tile_start, r.num_tiles, gu, gate_up_scale,
         gate_up_scale_2.float().contiguous(), hbuf, H=h, I=i, TOP_K=k, **cg.constexprs(),
-        ALIGN=moe.aligned(x, gu, hbuf), EMULATE=EMULATE, num_warps=cg.num_warps, num_stages=cg.num_stages)
+        EMULATE=interpreting(), num_warps=cg.num_warps, num_stages=cg.num_stages)
     y = moe.empty(p, h, dtype=ydt, device=dev)
     _w4a16_down_kernel[(mt, triton.cdiv(h, cd.block_n))](
         hbuf, r.order, r.offsets, r.tile_expert, r.tile_start, r.num_tiles, dn, down_scale,
         down_scale_2.float().contiguous(), weights.reshape(-1).float().contiguous(), y, H=h, I=i, **cd.constexprs(),
-        ALIGN=moe.aligned(hbuf, dn, y), EMULATE=EMULATE, num_warps=cd.num_warps, num_stages=cd.num_stages)
+        EMULATE=interpreting(), num_warps=cd.num_warps, num_stages=cd.num_stages)
     return moe.combine(y, t, k, x.dtype)
 
 
 # -- torch reference ----------------------------------------------------------------------------------------------
 def nvfp4_dequant_reference(packed: Tensor, scale: Tensor, scale_2: Tensor) -> Tensor:
-    """packed uint8 [E,N,K/2] (low nibble first), e4m3 [E,N,K/16], fp32 [E] -> bf16 [E,N,K] (nvfp4_dq's arithmetic)."""
-    b = packed.view(torch.uint8)
-    codes = torch.stack([b & 0xF, b >> 4], dim=-1).flatten(-2).long()
-    s = (scale.float() * scale_2.float().reshape(-1, 1, 1)).to(torch.bfloat16)
-    values = torch.tensor(_E2M1, device=packed.device)[codes]
-    return (values * s.float().repeat_interleave(BLOCK, dim=-1)).to(torch.bfloat16)
+    """packed uint8 [E,N,K/2] (low nibble first), e4m3 [E,N,K/16], fp32 [E] -> bf16 [E,N,K]: model.lowp.nvfp4_decode."""
+    return nvfp4_decode(packed, scale, scale_2, torch.bfloat16)
 
 
 def w4a16_moe_reference(x: Tensor, weights: Tensor, idx: Tensor, gate_up_packed: Tensor, gate_up_scale: Tensor,
@@ -219,7 +215,7 @@ def w4a16_moe_reference(x: Tensor, weights: Tensor, idx: Tensor, gate_up_packed:
         if pairs.numel() == 0:
             continue
         acc = xb[pairs // k] @ wgu[ex].t()
-        hb = (moe.gelu_tanh_reference(acc[:, :i]) * acc[:, i:]).to(torch.bfloat16).float()
+        hb = (gelu_tanh_ref(acc[:, :i]) * acc[:, i:]).to(torch.bfloat16).float()
         y[pairs] = ((hb @ wd[ex].t()) * rw[pairs][:, None]).to(y.dtype)
     return moe.combine_reference(y.view(t, k, h), x.dtype)
 

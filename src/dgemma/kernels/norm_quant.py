@@ -3,7 +3,7 @@
 Owns `norm_quant` (x -> e4m3 [T,K] + fp32 scale [T,1], optionally the bf16 normed rows too), `quant_rows` (the
 quantisation alone), their torch reference `norm_quant_ref`, launch configs and AOT specs. Arithmetic:
 y = bf16(x * (1/sqrt(mean(x^2) + eps)) [* weight]) exactly as model.Ops.rms_norm (up to the last bit of the reciprocal
-root and the order of the sum of squares), then fast._quant_rows_eager(y): s = max(|y|, 1e-12) / 448,
+root and the order of the sum of squares), then model.lowp.fp8_quantize_rows(y): s = max(|y|, 1e-12) / 448,
 q = e4m3(clamp(y / s)) with IEEE division and round-to-nearest-even. One row of K <= 16384 per program, in registers.
 """
 
@@ -42,14 +42,15 @@ def _norm_quant_kernel(x_ptr, w_ptr, q_ptr, s_ptr, y_ptr, T, K, stride_x, stride
         tl.store(y_ptr + r64 * stride_y + cols[None, :], y.to(tl.bfloat16), mask=m)
     if STORE_Q:
         s = row_scale(tl.max(tl.abs(y), axis=1))  # padding columns are 0: they never raise the max
-        q = to_e4m3(tl.minimum(tl.maximum(tl.div_rn(y, s[:, None]), -448.0), 448.0), EMU)
+        q = to_e4m3(tl.div_rn(y, s[:, None]), EMU)  # clamps to +-448
         tl.store(q_ptr + r64 * stride_q + cols[None, :], q, mask=m)
         tl.store(s_ptr + rows, s, mask=rows < T)
 
 
 # rows per program and warps by arch family and canvas rows (T = 256 * batch); K = 2816 -> BLOCK_K 4096.
 # Untuned default: one row per program keeps >= 256 programs at batch 1 (132 SMs on H100, 170 on RTX 5090).
-configs.register(KERNEL, {fam: [(4096, Config(block_m=1, num_warps=8, num_stages=1))] for fam in (90, 100, 120)})
+configs.register(KERNEL, {fam: [(4096, Config(block_m=1, num_warps=8, num_stages=1))] for fam in (90, 100, 120)}
+                 | {0: [(4096, Config(block_m=16, num_warps=8, num_stages=1))]})  # interpreter: it pays per program
 
 
 def norm_quant(x: torch.Tensor, weight: torch.Tensor | None = None, eps: float = 1e-6, *, norm: bool = True,
@@ -57,7 +58,7 @@ def norm_quant(x: torch.Tensor, weight: torch.Tensor | None = None, eps: float =
                config: Config | None = None):
     """x [..., K] -> (q e4m3 [T,K], s fp32 [T,1]) [+ y bf16 [T,K] if want_bf16]; T = x.numel() // K.
 
-    norm=False quantises x itself (fast._quant_rows_eager(x)); quant=False returns only the bf16 normed rows.
+    norm=False quantises x itself (model.lowp.fp8_quantize_rows(x)); quant=False returns only the bf16 normed rows.
     out: preallocated outputs in the order returned."""
     k = x.shape[-1]
     x2 = x.reshape(-1, k)
@@ -85,7 +86,7 @@ def norm_quant(x: torch.Tensor, weight: torch.Tensor | None = None, eps: float =
 
 
 def quant_rows(x: torch.Tensor, config: Config | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """fast._quant_rows_eager(x) as one kernel: x [..., K] -> (e4m3 [T,K], fp32 [T,1])."""
+    """model.lowp.fp8_quantize_rows(x) as one kernel: x [..., K] -> (e4m3 [T,K], fp32 [T,1])."""
     return norm_quant(x, None, norm=False, config=config)
 
 

@@ -245,7 +245,7 @@ def qkv_ref(a, a_scale, w, w_scale, *, n_heads, kv_heads, head_dim, q_norm, k_no
     x = bf16r((a.float() * a_scale.reshape(-1, 1)) @ (w.float() * w_scale.reshape(-1, 1)).t())
     x = x.view(b, s_len, -1, head_dim)
     rstd = 1.0 / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + eps)
-    pos = past.long()[:, None] + torch.arange(s_len)[None, :]  # [B,S]
+    pos = past.long()[:, None] + torch.arange(s_len, device=past.device)[None, :]  # [B,S]
     half = head_dim // 2
     c = cos.reshape(b, s_len, -1)[..., :half].float()
     sn = sin.reshape(b, s_len, -1)[..., :half].float()
@@ -259,7 +259,8 @@ def qkv_ref(a, a_scale, w, w_scale, *, n_heads, kv_heads, head_dim, q_norm, k_no
     q = rope(bf16r(n[:, :, :n_heads] * q_norm.float()))
     k = rope(bf16r(n[:, :, n_heads:n_heads + kv_heads] * k_norm.float()))
     v = bf16r(n[:, :, n_heads:n_heads + kv_heads] if k_eq_v else n[:, :, n_heads + kv_heads:])
-    slots = pos if slot_base is None else (slot_base + torch.arange(s_len))[None, :].expand(b, -1)
+    new = slot_base + torch.arange(s_len, device=past.device) if slot_base is not None else None
+    slots = pos if slot_base is None else new[None, :].expand(b, -1)
     for bi in range(b):
         ok = slots[bi] < k_cache.shape[2]
         k_cache[bi][:, slots[bi][ok]] = k[bi][ok].transpose(0, 1).to(k_cache.dtype)

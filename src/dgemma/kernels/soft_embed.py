@@ -29,10 +29,10 @@ import triton.language as tl
 from torch import Tensor
 
 from . import aot, configs
-from .head_sampler import E4M3_MAX, H_FULL, V_FULL, interpreting, quant_rows, round_bf16, round_e4m3
+from .head_sampler import H_FULL, V_FULL
+from .numerics import E4M3_MAX_C, bf16_rne, device_cc, interpreting, quant_rows_ref, to_e4m3
 
 PROBS_ROWS, PROBS_COLS = 8, 512  # normalisation block
-K_E4M3_MAX = tl.constexpr(E4M3_MAX)
 FINISH_BLOCK = 1024
 
 
@@ -48,12 +48,12 @@ def _probs_kernel(xb_ptr, stats_ptr, q_ptr, qscale_ptr, M, V: tl.constexpr, BLOC
     x = tl.load(xb_ptr + off, mask=ok, other=float("-inf")).to(tl.float32)
     mb = tl.load(stats_ptr + rows, mask=rok, other=0.0)
     sb = tl.load(stats_ptr + M + rows, mask=rok, other=1.0)
-    p = round_bf16(tl.math.div_rn(tl.exp(x - mb[:, None]), sb[:, None]))
+    p = bf16_rne(tl.math.div_rn(tl.exp(x - mb[:, None]), sb[:, None]))
     if FP8:
-        amax = round_bf16(tl.math.div_rn(tl.full([BLOCK_R], 1.0, tl.float32), sb))
-        scale = tl.math.div_rn(tl.maximum(amax, 1e-12), K_E4M3_MAX)
-        q = round_e4m3(tl.minimum(tl.maximum(tl.math.div_rn(p, scale[:, None]), -K_E4M3_MAX), K_E4M3_MAX))
-        tl.store(q_ptr + off, q.to(tl.float8e4nv), mask=ok)
+        amax = bf16_rne(tl.math.div_rn(tl.full([BLOCK_R], 1.0, tl.float32), sb))
+        scale = tl.math.div_rn(tl.maximum(amax, 1e-12), E4M3_MAX_C)
+        # integer rounding compiled too (no EMU flag here): the same e4m3 bits either way
+        tl.store(q_ptr + off, to_e4m3(tl.math.div_rn(p, scale[:, None]), True), mask=ok)
         tl.store(qscale_ptr + rows, scale, mask=rok & (tl.program_id(1) == 0))
     else:
         tl.store(xb_ptr + off, p.to(tl.bfloat16), mask=ok)
@@ -75,12 +75,11 @@ def _soft_kernel(p_ptr, e_ptr, part_ptr, M, SPLIT, V: tl.constexpr, H: tl.conste
     ra = tl.minimum(rows, M - 1)
     hs = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
     rv = pid_s * per + tl.arange(0, BLOCK_V)
-    # rows of 16-byte aligned runs (launcher: aligned bases, V % 16 == 0, H % 16 == 0)
-    p_ptrs = tl.multiple_of(p_ptr + ra[:, None].to(tl.int64) * V + rv[None, :], [1, 16])
+    p_ptrs = p_ptr + ra[:, None].to(tl.int64) * V + rv[None, :]
     if FP8:
-        e_ptrs = tl.multiple_of(e_ptr + hs[None, :].to(tl.int64) * V + rv[:, None], [16, 1])
+        e_ptrs = e_ptr + hs[None, :].to(tl.int64) * V + rv[:, None]
     else:
-        e_ptrs = tl.multiple_of(e_ptr + rv[:, None].to(tl.int64) * H + hs[None, :], [1, 16])
+        e_ptrs = e_ptr + rv[:, None].to(tl.int64) * H + hs[None, :]
     acc = tl.zeros((BLOCK_M, BLOCK_H), tl.float32)
     for k in range(0, per, BLOCK_V):
         vok = rv + k < V  # the last slice's tail (predicated loads)
@@ -111,7 +110,7 @@ def _finish_kernel(part_ptr, qscale_ptr, e_scale_ptr, done_ptr, out_ptr, M, C, S
         acc += tl.load(part_ptr + s * M * H + offs, mask=ok, other=0.0)
     if FP8:
         acc = acc * tl.load(qscale_ptr + row, mask=ok, other=0.0) * tl.load(e_scale_ptr + offs % H, mask=ok, other=0.0)
-    y = round_bf16(round_bf16(acc) * scale).to(tl.bfloat16)
+    y = bf16_rne(bf16_rne(acc) * scale).to(tl.bfloat16)
     frozen = tl.load(done_ptr + row // C, mask=ok, other=1) != 0
     tl.store(out_ptr + offs, y, mask=ok & ~frozen)
 
@@ -128,14 +127,13 @@ for _k, _bk in _DC.items():
     configs.register(_k, {fam: [(256, _cfg(3, 4, _bk)), (512, _cfg(2, 4, _bk)), (2048, _cfg(1, 4, _bk))]
                           for fam in (90, 100)}
                      | {120: [(256, _cfg(2, 3, _bk, 64, 4)), (2048, _cfg(1, 3, _bk, 64, 4))]})
-CPU_CONFIG = configs.Config(block_m=16, block_n=32, block_k=64, split_k=2, num_warps=4, num_stages=1)
+CPU_CONFIG = configs.Config(block_m=16, block_n=32, block_k=64, split_k=2, num_warps=4, num_stages=1)  # interpreter
+for _k in _DC:
+    configs.TABLES[_k][0] = [(2048, CPU_CONFIG)]
 
 
 def pick(kernel: str, rows: int, device) -> configs.Config:
-    if torch.device(device).type != "cuda":
-        return CPU_CONFIG
-    major, minor = torch.cuda.get_device_capability(device)
-    return configs.lookup(kernel, major * 10 + minor, rows)
+    return configs.lookup(kernel, device_cc(device), rows)
 
 
 @functools.lru_cache(maxsize=None)
@@ -183,7 +181,7 @@ def soft_embed_ref(proc_bf16: Tensor, weight: Tensor, weight_scale: Tensor | Non
     probs = proc_bf16.to(torch.bfloat16).softmax(dim=-1, dtype=torch.float32).to(torch.bfloat16)
     if weight.dtype == torch.float8_e4m3fn:
         h = weight.shape[0]
-        q, s = quant_rows(probs)
+        q, s = quant_rows_ref(probs)
         y = ((q.float() @ weight.float().t()) * s * weight_scale[None]).to(torch.bfloat16)
     else:
         h = weight.shape[1]

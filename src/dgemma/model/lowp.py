@@ -54,6 +54,24 @@ def nvfp4_fake_quant_scaled(x: Tensor, block: int, s2: Tensor) -> Tensor:
     return (q * (s * s2)).reshape(x.shape).to(x.dtype)
 
 
+def nvfp4_encode(x: Tensor, global_scale: Tensor) -> tuple[Tensor, Tensor]:
+    """The NVFP4 encoder, nvfp4_fake_quant_scaled's arithmetic stored in ModelOpt's layout: x [.., K] (K % 16 == 0)
+    and its fp32 global scale (scalar, or [E] on axis 0) -> (packed e2m1 pairs uint8 [.., K/2], low nibble first;
+    e4m3 block scales [.., K/16]). nvfp4_decode(*nvfp4_encode(x, s2), s2, fp32) equals
+    nvfp4_fake_quant_scaled(x, 16, s2)."""
+    s2 = per_axis0(global_scale.float(), x.dim())
+    xf = x.float()
+    blocks = xf.reshape(*xf.shape[:-1], -1, NVFP4_BLOCK)
+    s2b = s2.unsqueeze(-1) if s2.dim() else s2
+    s = blocks.abs().amax(-1, keepdim=True) / (E2M1_MAX * s2b)
+    s = torch.where(s == 0, torch.ones_like(s), s).clamp(2**-9, E4M3_MAX).to(torch.float8_e4m3fn)
+    a = (blocks / (s.float() * s2b)).abs()
+    idx = torch.bucketize(a, _E2M1_BOUNDS.to(a.device))  # as nvfp4_fake_quant_scaled: ties to even
+    idx = idx + (a.unsqueeze(-1) == _E2M1_BOUNDS.to(a.device)[[1, 3, 5]]).any(-1)
+    codes = (idx.clamp(max=7) | torch.where(blocks < 0, 8, 0)).to(torch.uint8).reshape(xf.shape)
+    return codes[..., 0::2] | (codes[..., 1::2] << 4), s.squeeze(-1)
+
+
 def per_axis0(scale: Tensor, rank: int) -> Tensor:
     """A scalar stays a scalar; a per-expert [E] scale broadcasts over the trailing dims of a rank-`rank` tensor."""
     return scale if scale.dim() == 0 else scale.reshape((-1,) + (1,) * (rank - 1))

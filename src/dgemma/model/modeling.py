@@ -197,20 +197,7 @@ class Experts(nn.Module):
         return self._grouped(x, weights, idx)
 
     def _grouped(self, x: Tensor, weights: Tensor, idx: Tensor) -> Tensor:
-        t, k = idx.shape
-        expert_ids, perm = torch.sort(idx.reshape(-1))
-        xs = x[perm // k]
-        ws = weights.reshape(-1)[perm]
-        hist_in = expert_ids.float() if x.device.type == "cpu" else expert_ids.int()
-        counts = torch.histc(hist_in, bins=self.num_experts, min=0, max=self.num_experts - 1)
-        offs = torch.cumsum(counts, dim=0, dtype=torch.int32)
-        gu = grouped_mm(xs, self.gate_up_proj.transpose(-2, -1), offs)
-        gate, up = gu.chunk(2, dim=-1)
-        y = grouped_mm(OPS.gelu_mul(gate, up), self.down_proj.transpose(-2, -1), offs)
-        y = y * ws.unsqueeze(-1)  # fp32 (routing weights are fp32)
-        inv = torch.empty_like(perm)
-        inv[perm] = torch.arange(perm.numel(), device=perm.device)
-        return y[inv].view(t, k, -1).sum(dim=1).to(x.dtype)
+        return grouped_experts(x, weights, idx, self.gate_up_proj, self.down_proj)
 
     def _dense(self, x: Tensor, weights: Tensor, idx: Tensor) -> Tensor:
         dense_w = torch.zeros(x.shape[0], self.num_experts, dtype=weights.dtype, device=x.device)
@@ -219,6 +206,26 @@ class Experts(nn.Module):
         gate, up = gu.split(self.inter, dim=-1)
         y = torch.einsum("tei,ehi->teh", F.gelu(gate, approximate="tanh") * up, self.down_proj)
         return (y.float() * dense_w.unsqueeze(-1)).sum(dim=1).to(x.dtype)
+
+
+def grouped_experts(x: Tensor, weights: Tensor, idx: Tensor, gate_up_proj: Tensor, down_proj: Tensor) -> Tensor:
+    """Experts.forward ("grouped") over given weights gate_up_proj [E, 2I, H], down_proj [E, H, I] (any module
+    that holds its experts in another form dequantises them and calls this)."""
+    e = gate_up_proj.shape[0]
+    t, k = idx.shape
+    expert_ids, perm = torch.sort(idx.reshape(-1))
+    xs = x[perm // k]
+    ws = weights.reshape(-1)[perm]
+    hist_in = expert_ids.float() if x.device.type == "cpu" else expert_ids.int()
+    counts = torch.histc(hist_in, bins=e, min=0, max=e - 1)
+    offs = torch.cumsum(counts, dim=0, dtype=torch.int32)
+    gu = grouped_mm(xs, gate_up_proj.transpose(-2, -1), offs)
+    gate, up = gu.chunk(2, dim=-1)
+    y = grouped_mm(OPS.gelu_mul(gate, up), down_proj.transpose(-2, -1), offs)
+    y = y * ws.unsqueeze(-1)  # fp32 (routing weights are fp32)
+    inv = torch.empty_like(perm)
+    inv[perm] = torch.arange(perm.numel(), device=perm.device)
+    return y[inv].view(t, k, -1).sum(dim=1).to(x.dtype)
 
 
 def grouped_mm(x: Tensor, w: Tensor, offs: Tensor) -> Tensor:

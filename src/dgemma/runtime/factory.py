@@ -4,7 +4,10 @@ the rules live once:
 
   torch  the native model eagerly (CPU reference; on CUDA only the checkpoint's own dtype); `batched=True` runs
          its static passes with per-row lengths instead (TorchGraphBackend), what the serving scheduler needs
-  fast   the native model with static shapes and CUDA graphs; fp8 converts the weights (dgemma.runtime.fast)
+  fast   the native model with static shapes, CUDA graphs and the fused Triton kernels (dgemma.runtime.fast): fp8
+         converts the checkpoint's weights; nvfp4 serves `make quantize PRECISION=nvfp4`'s output (quantize/nvfp4/
+         in the work directory, or a --checkpoint holding it): NVFP4 experts (W4A16), FP8 dense projections;
+         `batched=True`: the same quantised model under the static passes (TorchGraphBackend)
   ort    the exported graphs in ONNX Runtime: build/onnx/<p>/ with p = fp32 for bf16 (ONNX Runtime's CPU provider
          has no bf16 kernels), fp8 as is; nvfp4 graphs run only in TensorRT
   trt    the TensorRT engines in engines/<gpu>/<precision>/ (GPU: this machine's profile by default)
@@ -24,10 +27,10 @@ from ..core.config import ModelConfig, SamplerConfig
 from ..core.errors import ArtifactError, ConfigError
 from ..core.layout import Layout
 from ..core.profiles import for_device, resolve
-from ..model.checkpoint import checkpoint_dir, load_config_of, load_model
+from ..model.checkpoint import SYNTHETIC, checkpoint_dir, load_config, load_config_of, load_model
 from ..model.tokens import Tokenizer
 from .bls_backend import BlsBackend
-from .fast import FastBackend, quantize_fp8_
+from .fast import FastBackend, describe_footprint, load_nvfp4, quantize_fp8_, quantize_nvfp4_
 from .ort_backend import OrtBackend
 from .torch_backend import TorchBackend, TorchGraphBackend
 from .trt_backend import TrtBackend
@@ -67,14 +70,17 @@ def ort_precision(precision: str) -> str:
 def create(kind: str, precision: str = "bf16", gpu: str | None = None, checkpoint: str | Path | None = None, *,
            device: str | None = None, max_context: int | None = None, threads: int | None = None,
            layout: Layout | None = None, onnx_dir: str | Path | None = None, model=None, dtype: str | None = None,
-           pb_utils=None, batched: bool = False) -> Engine:
+           pb_utils=None, kernels: str = "auto", batched: bool = False) -> Engine:
     """Build one backend. checkpoint: a directory, None (the embedded tiny model) or `synthetic`; model: an already
     loaded DiffusionGemma for torch/fast (skips loading). max_context: KV capacity (None: the backend's default).
+    kernels: the fast backend's fused kernels ("auto" | "off" | "force", runtime.fast.policy).
     batched: a backend whose calls take a subset of its rows at different lengths (GraphBackend: ort, trt, bls
     always are; torch and fast then run the static passes), for in-flight batching."""
     if kind not in KINDS:
         raise ConfigError(f"unknown backend {kind!r}; valid: {', '.join(KINDS)}.")
     layout = layout or Layout.of()
+    if kind == "fast" and precision == "nvfp4" and model is None:
+        return _fast_nvfp4(checkpoint, gpu, device, max_context, layout, kernels, batched)
     ck_dir = checkpoint_dir(checkpoint)
     if kind in ("torch", "fast"):
         device = device or ("cuda" if torch.cuda.is_available() and gpu not in (None, "cpu") else "cpu")
@@ -95,12 +101,15 @@ def create(kind: str, precision: str = "bf16", gpu: str | None = None, checkpoin
             if precision == "fp8":
                 quantize_fp8_(model)
             elif precision == "nvfp4":
-                raise ConfigError("backend 'fast' serves nvfp4 checkpoints through its W4A16 experts only on a CUDA "
-                                  "GPU with the kernels package; use fp8 or bf16 here.")
-            # FastBackend's CUDA graphs assume one length per batch: batched serving runs the FP8 model's static
-            # passes instead
-            backend = (TorchGraphBackend if batched else FastBackend)(model, max_context=max_context)
-        return Engine(backend, cfg, sampler, tok, ck_dir, kind, {"device": str(model.device)})
+                quantize_nvfp4_(model)  # a model handed in (or synthetic weights): quantised here
+            # FastBackend's CUDA graphs assume one length per batch: batched serving runs the quantised model's
+            # static passes instead (TorchGraphBackend)
+            backend = (TorchGraphBackend(model, max_context=max_context) if batched
+                       else FastBackend(model, max_context=max_context, kernels=kernels))
+        info = {"device": str(model.device)}
+        if kind == "fast" and not batched:
+            info |= {"kernels": backend.kernels.summary(), "weights": backend.footprint}
+        return Engine(backend, cfg, sampler, tok, ck_dir, kind, info)
 
     cfg, sampler = load_config_of(checkpoint)
     tok = Tokenizer(ck_dir) if ck_dir is not None and (ck_dir / "tokenizer.json").exists() else None
@@ -113,7 +122,7 @@ def create(kind: str, precision: str = "bf16", gpu: str | None = None, checkpoin
         backend = OrtBackend(d, checkpoint=ck_dir, cfg=cfg, max_context=max_context, threads=threads)
         return Engine(backend, cfg, sampler, tok, ck_dir, kind, {"onnx_dir": str(d), "onnx_precision": backend.precision})
     if kind == "trt":
-        target = resolve(gpu or default_gpu(), precision)
+        target = resolve(gpu or default_gpu(), precision, kind)
         d = layout.engines(target.gpu.name, target.precision.value)
         if not (d / "manifest.json").exists():
             raise ArtifactError(f"{d}/manifest.json not found: --backend trt needs TensorRT engines there. Build "
@@ -125,3 +134,31 @@ def create(kind: str, precision: str = "bf16", gpu: str | None = None, checkpoin
     backend = BlsBackend(cfg, precision, max_context=max_context or cfg.max_position_embeddings, device=dev,
                          pb_utils=pb_utils, target=f"{gpu}/{precision}")
     return Engine(backend, cfg, sampler, tok, ck_dir, kind, {"graph_precision": precision})
+
+
+def _fast_nvfp4(checkpoint, gpu, device, max_context, layout: Layout, kernels: str, batched: bool) -> Engine:
+    """--backend fast --precision nvfp4: the quantize output (default quantize/nvfp4/ in the work directory), or
+    `synthetic` full-size weights quantised on the device."""
+    device = device or ("cuda" if torch.cuda.is_available() and gpu not in (None, "cpu") else "cpu")
+    if checkpoint == SYNTHETIC:
+        ck = load_model(SYNTHETIC, device, "bfloat16")
+        model, cfg, sampler, tok, qdir = quantize_nvfp4_(ck.model), ck.config, ck.sampler, None, None
+    else:
+        qdir = Path(checkpoint) if checkpoint is not None else layout.quantize("nvfp4")
+        if not (qdir / "hf_quant_config.json").exists():
+            what = "no NVFP4 checkpoint (hf_quant_config.json)" if qdir.is_dir() else "does not exist"
+            raise ArtifactError(f"{qdir} {what}: --backend fast --precision nvfp4 serves the output of `dgemma "
+                                f"quantize --precision nvfp4`. Write it with: make quantize PRECISION=nvfp4"
+                                + ("" if checkpoint is None else " (CKPT=<checkpoint dir>), then pass that "
+                                   "quantize directory"))
+        model = load_nvfp4(qdir, device)
+        cfg, sampler = load_config(qdir)
+        tok = Tokenizer(qdir) if (qdir / "tokenizer.json").exists() else None
+    if batched:
+        backend = TorchGraphBackend(model, max_context=max_context)
+        return Engine(backend, cfg, sampler, tok, qdir, "fast", {"device": str(model.device), "batched": True})
+    backend = FastBackend(model, max_context=max_context, kernels=kernels)
+    info = {"device": str(model.device), "quantize_dir": str(qdir) if qdir else SYNTHETIC,
+            "kernels": backend.kernels.summary(), "weights": backend.footprint,
+            "weights_summary": describe_footprint(backend.footprint)}
+    return Engine(backend, cfg, sampler, tok, qdir, "fast", info)

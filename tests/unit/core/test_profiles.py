@@ -72,3 +72,39 @@ def test_profile_for_device_name():
     assert for_device("NVIDIA GeForce RTX 5090") == "rtx5090" and for_device("NVIDIA GB10") == "dgx-spark"
     with pytest.raises(ConfigError, match="RTX 4090"):
         for_device("NVIDIA GeForce RTX 4090")
+
+
+def test_fast_backend_serves_nvfp4_on_hopper_while_engines_refuse():
+    """Per-runtime rules: W4A16 on the fast backend needs bf16 tensor cores (SM90+ where its kernels are built);
+    TensorRT's NVFP4 needs FP4 tensor cores, and its refusal still names that rule."""
+    from dgemma.core.profiles import FAST, PROFILES, runtime_of
+
+    for gpu in ("h100", "h200"):
+        assert resolve(gpu, "nvfp4", backend="fast").key == f"{gpu}/nvfp4"
+        assert PROFILES[gpu].supports(Precision.NVFP4, FAST) and not PROFILES[gpu].supports(Precision.NVFP4)
+        for backend in (None, "trt", "ort", "triton", "torch"):
+            with pytest.raises(ConfigError, match=r"needs compute capability >= 10\.0") as e:
+                resolve(gpu, "nvfp4", backend=backend)
+            assert "--backend fast" in str(e.value) and "--gpu b200/rtx5090/dgx-spark for nvfp4" in str(e.value)
+    assert runtime_of("fast") == FAST and runtime_of("trt") != FAST
+    assert "bf16, fp8, nvfp4" in [line for line in describe().splitlines() if line.startswith("h100")][0]
+
+
+def test_weight_footprint_of_the_full_model_with_nvfp4_experts():
+    """NVFP4 experts + FP8 dense projections + bf16 embedding: the arithmetic, by category, and the 16 GiB goal."""
+    from dgemma.core.config import FULL_SIZE
+    from dgemma.core.profiles import weight_footprint
+
+    f = weight_footprint(FULL_SIZE, experts="nvfp4", dense="fp8")
+    per_expert = 1408 * 2816 + 2816 * 704  # gate_up + down elements
+    assert f["experts"] == 30 * 128 * (per_expert // 2 + per_expert // 16 + 2 * 4)  # e2m1 + e4m3/16 + 2 fp32 scales
+    sliding = [(4096, 2816), (2048, 2816), (2048, 2816), (2816, 4096)]
+    full = [(8192, 2816), (1024, 2816), (2816, 8192)]
+    mlp = [(2112, 2816), (2112, 2816), (2816, 2112)]
+    fp8 = lambda mats: sum(r * k + 4 * r for r, k in mats)  # noqa: E731  (e4m3 + an fp32 scale per row)
+    assert f["dense"] == 25 * fp8(sliding + mlp) + 5 * fp8(full + mlp) + fp8(mlp)
+    assert f["embedding"] == 262144 * 2816 * 2
+    assert f["other"] == 2 * (30 * (128 * 2816 + 2816 + 128 + 7 * 2816 + 1) + 25 * 512 + 5 * 1024 + 2 * 2816 + 30)
+    total = sum(f.values())
+    assert total == 16_011_327_608 and total <= 16 * 2**30  # 16.01 GB = 14.91 GiB
+    assert sum(weight_footprint(FULL_SIZE, experts="nvfp4", dense="bf16").values()) > 16 * 2**30

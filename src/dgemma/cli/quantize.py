@@ -15,12 +15,16 @@ def cmd_quantize(args) -> int:
     path = run(args.precision, args.checkpoint, args.out, args.calib, args.heldout or None, eval_n=n,
                recipe_name=args.recipe)
     q = json.loads((path / "quality.json").read_text())
-    print(f"wrote {path}")
-    for name, s in q["sets"].items():
-        print(f"  {name}: KL {s['kl_mean']:.4g}, top-1 {s['top1_mean']:.4f}, token agreement "
-              f"{s['token_agreement']:.4f}, TPF {s['tpf_bf16']:.2f} -> {s['tpf_quant']:.2f}")
+    print(f"wrote {path} (recipe {q['recipe']['name']})")
     acc = q["task_accuracy"]
-    print(f"  sort accuracy: bf16 {acc['bf16']:.2%}, {args.precision} {acc[args.precision]:.2%} (n={acc['n']})")
+    print(f"  sort accuracy (n={acc['n']}): bf16 {acc['bf16']:.2%}")
+    for label, row in (("fake quant " + q["fake_quant_mode"], q), ("checkpoint " + q["dequantized"]["mode"],
+                                                                  q["dequantized"])):
+        for name, s in row["sets"].items():
+            print(f"  {label} {name}: KL {s['kl_mean']:.4g}, top-1 {s['top1_mean']:.4f}, token agreement "
+                  f"{s['token_agreement']:.4f}, TPF {s['tpf_bf16']:.2f} -> {s['tpf_quant']:.2f}")
+    print(f"  sort accuracy: fake quant {q['fake_quant_mode']} {acc[args.precision]:.2%}, checkpoint "
+          f"{q['dequantized']['mode']} {q['dequantized']['task_accuracy']['accuracy']:.2%}")
     return 0
 
 

@@ -15,6 +15,7 @@ from ..core.errors import ArtifactError
 from ..core.layout import CALIB_PROMPTS, DEFAULT_CHECKPOINT, HELDOUT_PROMPTS, current
 from ..core.manifest import publish_dir, tree_sha256
 from ..model.checkpoint import load_checkpoint
+from ..model.quantized import load_quantized
 from ..model.tokens import Tokenizer
 from .calibrate import CALIB_STEPS, calib_sampler, forward_loop, load_prompts, prompt_batches
 from .quality import quality_report
@@ -55,7 +56,8 @@ def run(precision: str, checkpoint: str | Path | None = None, out: str | Path | 
         sets = {"calib": prompt_batches(tok, calib_texts)}
         if held_texts:
             sets["heldout"] = prompt_batches(tok, held_texts)
-        quality_report(ref, model, precision, ck_path, ck.sampler, sets, tmp, eval_n=eval_n, seed=seed)
+        quality_report(ref, model, precision, ck_path, ck.sampler, sets, tmp, eval_n=eval_n, seed=seed,
+                       recipe=r.describe(), dequantized=load_quantized(tmp))
         manifest = {
             "stage": "quantize", "precision": precision, "recipe": r.describe(), "input_checkpoint": str(ck_path),
             "input_checkpoint_sha256": tree_sha256(ck_path), "calib_file": str(calib),

@@ -164,6 +164,53 @@ def memory_plan(target: Target, cfg: ModelConfig = FULL_SIZE, engines: int = 2) 
     return MemoryPlan(w / gib, kv / gib, logits / gib, engines)
 
 
+# Bytes of one stored quantized matrix element, and of its fp32 scales (dgemma.quantize.writer's checkpoint layout):
+# fp8 has weight_scale (per tensor / per expert) + input_scale; nvfp4 packs two e2m1 per byte plus one e4m3 block
+# scale per 16 elements, and adds weight_scale_2 (fp32 global, per expert for experts) + input_scale.
+_ELEM_BYTES = {"bf16": 2.0, "fp8": 1.0, "nvfp4": 0.5 + 1 / 16}
+_SCALE_BYTES = {"bf16": 0, "fp8": 4, "nvfp4": 4}
+
+
+@dataclass(frozen=True)
+class WeightFootprint:
+    """Weight bytes at load time by part of the model (one copy; no KV, no workspace)."""
+
+    experts: int  # routed experts gate_up_proj + down_proj, all layers
+    dense: int  # attention q/k/v/o_proj + the dense MLP gate/up/down_proj, all layers
+    embedding: int  # tied embedding = LM head, checkpoint dtype (bf16)
+    other: int  # unquantized (quantize.recipe.EXCLUDED): router, norms, self-conditioning, layer scalars (bf16)
+
+    @property
+    def total(self) -> int:
+        return self.experts + self.dense + self.embedding + self.other
+
+
+def checkpoint_footprint(cfg: ModelConfig = FULL_SIZE, experts: str = "nvfp4", dense: str = "fp8") -> WeightFootprint:
+    """Weight bytes of the quantized checkpoint layout (`make quantize` output; what the fast backend holds after
+    loading it is `weight_footprint`, with per-row FP8 scales instead of per-tensor ones): routed experts in `experts`, dense layers in `dense` (each
+    of bf16 / fp8 / nvfp4), embedding and every excluded tensor in bf16. Per-tensor scales included: per expert for
+    the experts (weight_scale / weight_scale_2) plus one input_scale per projection. With everything bf16 this is
+    2 * cfg.param_count()."""
+    for p in (experts, dense):
+        if p not in _ELEM_BYTES:
+            raise ConfigError(f"unknown precision {p!r}; valid: {', '.join(_ELEM_BYTES)}.")
+    h, e = cfg.hidden_size, cfg.num_experts
+
+    def mats(p: str, elems: int, n_scales: int, n_inputs: int) -> int:  # n matrices' elements + fp32 scales
+        return round(elems * _ELEM_BYTES[p]) + _SCALE_BYTES[p] * (n_scales + n_inputs)
+
+    ex = de = other = 0
+    for i in range(cfg.num_hidden_layers):
+        hd, kvh = cfg.layer_head_dim(i), cfg.layer_kv_heads(i)
+        q = cfg.num_attention_heads * hd
+        attn = [h * q, h * kvh * hd] + ([h * kvh * hd] if cfg.is_sliding(i) else []) + [q * h]  # q, k, (v), o
+        de += sum(mats(dense, n, 1, 1) for n in attn) + 3 * mats(dense, h * cfg.intermediate_size, 1, 1)
+        ex += 2 * mats(experts, e * h * cfg.moe_intermediate_size * (3 / 2), e, 1)  # gate_up [E,2I,H] + down [E,H,I]
+        other += 2 * (2 * hd + e * (h + 1) + h + 7 * h + 1)  # q/k norms, router, layer norms + scalar
+    other += 2 * (h + h + 3 * h * cfg.intermediate_size + cfg.num_hidden_layers)  # final norm, self-cond., scalars
+    return WeightFootprint(ex, de, 2 * cfg.vocab_size * h, other)
+
+
 def check_memory(target: Target, cfg: ModelConfig = FULL_SIZE, engines: int = 2) -> MemoryPlan:
     """Raise ConfigError, with the numbers and what fits instead, when the plan exceeds the GPU."""
     plan = memory_plan(target, cfg, engines)

@@ -47,11 +47,16 @@ def nvfp4_fake_quant_scaled(x: Tensor, block: int, s2: Tensor) -> Tensor:
     xf = x.float().reshape(-1, block)
     s = xf.abs().amax(-1, keepdim=True) / (E2M1_MAX * s2)
     s = torch.where(s == 0, torch.ones_like(s), s).clamp(2**-9, E4M3_MAX).to(torch.float8_e4m3fn).float()
-    a = (xf / (s * s2)).abs()
+    return e2m1_fake_quant(xf, s * s2).reshape(x.shape).to(x.dtype)
+
+
+def e2m1_fake_quant(xf: Tensor, scale: Tensor) -> Tensor:
+    """xf [n, block] fp32 rounded to e2m1 x scale [n, 1] (ties to even, ModelOpt's decision boundaries),
+    dequantized (fp32). The rounding step of the dynamic and the static NVFP4 fake quant."""
+    a = (xf / scale).abs()
     idx = torch.bucketize(a, _E2M1_BOUNDS)  # value on a bound -> the lower neighbour ...
     idx = idx + (a.unsqueeze(-1) == _E2M1_BOUNDS[[1, 3, 5]]).any(-1)  # ... except 0.75, 1.75, 3.5: up (even)
-    q = _E2M1_POS[idx.clamp(max=7)] * torch.where(xf < 0, -1.0, 1.0)
-    return (q * (s * s2)).reshape(x.shape).to(x.dtype)
+    return _E2M1_POS[idx.clamp(max=7)] * torch.where(xf < 0, -1.0, 1.0) * scale
 
 
 def nvfp4_encode(x: Tensor, global_scale: Tensor) -> tuple[Tensor, Tensor]:

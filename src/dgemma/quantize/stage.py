@@ -15,22 +15,24 @@ from ..core.errors import ArtifactError
 from ..core.layout import CALIB_PROMPTS, DEFAULT_CHECKPOINT, HELDOUT_PROMPTS, current
 from ..core.manifest import publish_dir, tree_sha256
 from ..model.checkpoint import load_checkpoint
+from ..model.quantized import load_quantized
 from ..model.tokens import Tokenizer
 from .calibrate import CALIB_STEPS, calib_sampler, forward_loop, load_prompts, prompt_batches
 from .quality import quality_report
-from .recipe import (EXCLUDE_MODULES, EXCLUDED, install_cpu_nvfp4_kernel, quantize_model, quantizer_summary, recipe,
-                     register_experts)
+from .recipe import (EXCLUDE_MODULES, EXCLUDED, get_recipe, install_cpu_nvfp4_kernel, quantize_model,
+                     quantizer_summary, register_experts)
 from .writer import write_quantized_checkpoint
 
 
 def run(precision: str, checkpoint: str | Path | None = None, out: str | Path | None = None,
         calib: str | Path = CALIB_PROMPTS, heldout: str | Path | None = HELDOUT_PROMPTS, eval_n: int = 100,
-        seed: int = 0) -> Path:
-    """Quantize, calibrate, export and report into out/<precision>/ (default: the work directory's quantize/)."""
+        seed: int = 0, recipe_name: str | None = None) -> Path:
+    """Quantize with a recipe (default: DEFAULT_RECIPE[precision]), calibrate, export and report into
+    out/<precision>/ (default: the work directory's quantize/)."""
     import modelopt
     import modelopt.torch.opt as mto
 
-    recipe(precision)  # validates the name before any work
+    r = get_recipe(precision, recipe_name)  # validates the names before any work
     ck_path = Path(checkpoint) if checkpoint else DEFAULT_CHECKPOINT
     calib_texts = load_prompts(calib)
     held_texts = load_prompts(heldout) if heldout else []
@@ -40,7 +42,7 @@ def run(precision: str, checkpoint: str | Path | None = None, out: str | Path | 
     tok = Tokenizer(ck_path)
     ref = load_checkpoint(ck_path).model  # the unquantized reference for the report
     cal = calib_sampler(ck.sampler)
-    model = quantize_model(ck.model, precision, forward_loop(prompt_batches(tok, calib_texts), cal, seed))
+    model = quantize_model(ck.model, precision, forward_loop(prompt_batches(tok, calib_texts), cal, seed), r.name)
 
     out = Path(out) if out else current().quantize()
     out.mkdir(parents=True, exist_ok=True)
@@ -54,9 +56,10 @@ def run(precision: str, checkpoint: str | Path | None = None, out: str | Path | 
         sets = {"calib": prompt_batches(tok, calib_texts)}
         if held_texts:
             sets["heldout"] = prompt_batches(tok, held_texts)
-        quality_report(ref, model, precision, ck_path, ck.sampler, sets, tmp, eval_n=eval_n, seed=seed)
+        quality_report(ref, model, precision, ck_path, ck.sampler, sets, tmp, eval_n=eval_n, seed=seed,
+                       recipe=r.describe(), dequantized=load_quantized(tmp))
         manifest = {
-            "stage": "quantize", "precision": precision, "input_checkpoint": str(ck_path),
+            "stage": "quantize", "precision": precision, "recipe": r.describe(), "input_checkpoint": str(ck_path),
             "input_checkpoint_sha256": tree_sha256(ck_path), "calib_file": str(calib),
             "calib_sha256": tree_sha256(Path(calib)), "calib_prompts": len(calib_texts), "calib_steps": CALIB_STEPS,
             "heldout_file": str(heldout) if heldout else None, "seed": seed,

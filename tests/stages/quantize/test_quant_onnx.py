@@ -18,7 +18,7 @@ onnx = pytest.importorskip("onnx")
 from dgemma.core import manifest  # noqa: E402
 from dgemma.quantize.stage import fake_quant_model as modelopt_reference  # noqa: E402
 from dgemma.runtime.ort_backend import ORT_SESSION_CONFIG  # noqa: E402
-from dgemma.quantize import calibrate, recipe, stage  # noqa: E402
+from dgemma.quantize import recipe  # noqa: E402
 from dgemma.cli import main  # noqa: E402
 from dgemma.core.errors import ArtifactError, ConfigError  # noqa: E402
 from dgemma.export.qdq_ops import nvfp4_qdq  # noqa: E402
@@ -225,7 +225,13 @@ def test_nvfp4_weights_decode_to_modelopt(onnx_root, fake_quant):
     x = torch.randn(3, 5, 128, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
     lin = ref.get_submodule("layers.0.self_attn.q_proj")
     scale = (lin.input_quantizer.amax.float() / (448 * 6)).reshape(())
-    assert torch.equal(nvfp4_qdq(x, scale), lin.input_quantizer(x))
+    enabled = lin.input_quantizer.is_enabled  # weight-only (W4A16) recipes: calibrated, disabled in the fake quant
+    lin.input_quantizer.enable()
+    try:
+        assert torch.equal(nvfp4_qdq(x, scale), lin.input_quantizer(x))
+    finally:
+        if not enabled:
+            lin.input_quantizer.disable()
 
 
 def test_ort_refuses_nvfp4(onnx_root):

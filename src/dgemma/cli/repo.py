@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from ..serving.loop import BACKENDS
-from ..serving.render import CPU_BACKEND, ENGINES, render
+from ..serving.render import CPU_BACKEND, ENGINES, parse_gpus, render
 from .common import CHECKPOINT_HELP
 
 
 def cmd_repo(args) -> int:
     root = render(args.gpu, args.precision, args.checkpoint, args.out, backend=args.backend, engine=args.engine,
-                  max_batch=args.max_batch, backends=not args.config_only)
+                  max_batch=args.max_batch, backends=not args.config_only,
+                  gpus=parse_gpus(args.gpus) if args.gpus else None)
     names = sorted(p.name for p in (root / "models").iterdir())
     print(f"wrote {root}/models ({', '.join(names)})" + ("" if args.config_only else f" and {root}/backends"))
     return 0
@@ -34,4 +35,6 @@ def add_parser(sub) -> None:
     add_render_args(r)
     r.add_argument("--out", help="output root (default build/triton/<gpu>/<precision> in the work directory)")
     r.add_argument("--config-only", action="store_true", help="models/ only: no backend copy, no artifact checks")
+    r.add_argument("--gpus", help="one dgemma model instance per GPU: a count (4 = GPUs 0..3) or device ids (0,2); "
+                                  "default one CPU instance")
     r.set_defaults(func=cmd_repo)

@@ -98,6 +98,33 @@ def _io_blocks() -> dict[str, str]:
     return {"inputs": ",\n".join(inputs), "outputs": ",\n".join(outputs)}
 
 
+def parse_gpus(value: str) -> tuple[int, ...]:
+    """`--gpus`: a count ("4" -> GPUs 0..3) or a comma-separated list of device ids ("0,2")."""
+    text = str(value).strip()
+    try:
+        ids = [int(x, 10) for x in text.split(",")] if "," in text else list(range(int(text, 10)))
+    except ValueError:
+        raise ConfigError(f"--gpus takes a GPU count or comma-separated device ids (got {value!r}); "
+                          "e.g. --gpus 4 or --gpus 0,1,2,3.") from None
+    if not ids:
+        raise ConfigError(f"--gpus {value!r} names no GPU; a count must be >= 1 (e.g. --gpus 1).")
+    return tuple(ids)
+
+
+def instance_group(gpus: tuple[int, ...] | None, gpu) -> str:
+    """The dgemma model's instance group: one CPU instance (default), or one instance per listed GPU (each builds
+    its backend on `cuda:<model_instance_device_id>`, serving.loop.load_engine)."""
+    if gpus is None:
+        return "{ kind: KIND_CPU count: 1 }"
+    if gpu.sm == 0:
+        raise ConfigError(f"--gpus {','.join(map(str, gpus))}: GPU profile {gpu.name!r} has no GPUs (it runs on the "
+                          "CPU through ONNX Runtime); drop --gpus or pick a GPU profile.")
+    if min(gpus) < 0 or len(set(gpus)) != len(gpus):
+        raise ConfigError(f"--gpus {','.join(map(str, gpus))}: device ids must be distinct and >= 0; "
+                          "e.g. --gpus 0,1 (or a count: --gpus 2).")
+    return f"{{ kind: KIND_GPU count: 1 gpus: [ {', '.join(map(str, gpus))} ] }}"
+
+
 def _parameters(values: dict[str, object]) -> str:
     rows = [f'  {{ key: "{k}" value: {{ string_value: "{v}" }} }}' for k, v in values.items()]
     return "parameters [\n" + ",\n".join(rows) + "\n]"
@@ -107,7 +134,8 @@ def render(gpu: str = "cpu", precision: str = "bf16", checkpoint: str | Path | N
            out: str | Path | None = None, backend: str | None = None, threads: int | None = 1,
            templates: Path = TRITON_TEMPLATES, backends: bool = True,
            engine: str = "auto", onnx_precision: str | None = None, max_batch: int | None = None,
-           queue_delay_us: int = QUEUE_DELAY_US, prefill_chunk: int | None = None) -> Path:
+           queue_delay_us: int = QUEUE_DELAY_US, prefill_chunk: int | None = None,
+           gpus: tuple[int, ...] | None = None) -> Path:
     """Write the model repository and backend directory; returns the output root (…/<gpu>/<precision>).
 
     backend: how the canvas loop computes (ort | torch in-process, bls through the encoder/denoiser models; default
@@ -117,8 +145,10 @@ def render(gpu: str = "cpu", precision: str = "bf16", checkpoint: str | Path | N
     second copy of the weights next to the in-process backend (`graph_models_rendered`).
     onnx_precision: which build/onnx/<p>/ the ONNX Runtime models read (default fp32 on the CPU profile, which
     ORT's CPU provider runs, else the target precision). max_batch: override GpuProfile.max_batch (requests in
-    flight = rows of the dgemma model's scheduler = the graphs' max_batch_size)."""
+    flight = rows of the dgemma model's scheduler = the graphs' max_batch_size). gpus: device ids for the dgemma
+    model, one instance per GPU (each builds its backend on `cuda:<id>`); default one CPU instance."""
     target = resolve(gpu, precision)
+    group = instance_group(gpus, target.gpu)  # refuses bad --gpus before anything is written
     engine = pick_engine(engine, target.gpu)
     backend = backend or (CPU_BACKEND if target.gpu.sm == 0 else "bls" if engine == "tensorrt" else "torch")
     if backend not in BACKENDS:
@@ -152,7 +182,7 @@ def render(gpu: str = "cpu", precision: str = "bf16", checkpoint: str | Path | N
         "prefill_chunk": chunk,
     }
     common = {"target": target.key, "max_batch": batch, "queue_delay_us": queue_delay_us}
-    values = {"dgemma": {**common, "parameters": _parameters(params), **_io_blocks()}}
+    values = {"dgemma": {**common, "parameters": _parameters(params), **_io_blocks(), "instance_group": group}}
     for g in contract.GRAPHS:
         gp = {**params, "graph": g, "runtime": engine}
         values[g] = {**common, "name": g, "graph": g, "runtime": engine, "parameters": _parameters(gp),

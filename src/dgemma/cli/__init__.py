@@ -11,9 +11,11 @@ import sys
 
 from ..core.errors import DgemmaError
 from ..core.layout import WORKDIR_ENV
-from . import bench, client, engines, generate, onnx, openai, probe, profiles, quantize, report, repo, serve, tiny
+from . import (bench, client, deploy, engines, generate, onnx, openai, probe, profiles, quantize, report, repo, serve,
+               tiny)
 
-TARGETS = (generate, tiny, profiles, quantize, onnx, engines, repo, serve, openai, client, bench, report, probe)
+TARGETS = (generate, tiny, profiles, quantize, onnx, engines, repo, serve, openai, client, bench, report, probe,
+           deploy)
 
 
 def build_parser() -> argparse.ArgumentParser:

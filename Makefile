@@ -16,8 +16,13 @@ URL ?=
 OPENAI_PORT ?= 9000
 BENCH_ARGS ?=
 LOADTEST_ARGS ?=
+REPLICAS ?= 1
+GPUS ?= 1
+IMAGE ?=
+DEPLOY_ARGS ?=
 
-.PHONY: venv demo test test-gpu clean-venv init-tiny train-tiny eval generate profiles bench report quantize onnx engines repo serve openai loadtest perf-tools probe
+.PHONY: venv demo test test-gpu clean-venv init-tiny train-tiny eval generate profiles bench report quantize onnx \
+	engines repo serve openai loadtest perf-tools probe deploy
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -133,6 +138,14 @@ openai: $(STAMP)
 # and the graph models' batch sizes per level from the server's metrics.
 loadtest: $(STAMP)
 	$(PY) -m dgemma bench --gpu cpu --backend triton --scenario concurrency $(LOADTEST_ARGS)
+
+# Kubernetes manifests -> build/deploy/$(GPU)/$(PRECISION)/: kustomize base + overlays/$(GPU)-$(PRECISION),
+# rendered.yaml, image/Dockerfile (NGC Triton + dgemma), monitoring/ (prometheus-adapter rules), kserve/
+# (InferenceService variant). GPUS=<n> GPUs per pod (one dgemma instance each); IMAGE=<registry>/<name>:<tag>;
+# DEPLOY_ARGS="--expose-triton-http ...".
+deploy: $(STAMP)
+	$(PY) -m dgemma deploy --gpu $(GPU) --precision $(PRECISION) --replicas $(REPLICAS) --gpus $(GPUS) \
+		$(if $(IMAGE),--image $(IMAGE)) $(DEPLOY_ARGS)
 
 # GPU probe of the fast path (full size on CUDA, FP8 unless PRECISION is given; `make probe GPU=cpu`: the tiny CPU form)
 probe: $(STAMP)

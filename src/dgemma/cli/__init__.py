@@ -19,9 +19,11 @@ from ..core.layout import WORKDIR_ENV
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from . import bench, client, engines, generate, onnx, openai, probe, profiles, quantize, report, repo, serve, tiny
+from . import (bench, client, deploy, engines, generate, onnx, openai, probe, profiles, quantize, report, repo, serve,
+               tiny)
 
-TARGETS = (generate, tiny, profiles, quantize, onnx, engines, repo, serve, openai, client, bench, report, probe)
+TARGETS = (generate, tiny, profiles, quantize, onnx, engines, repo, serve, openai, client, bench, report, probe,
+           deploy)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from ..serving.loop import BACKENDS
-from ..serving.render import CPU_BACKEND, ENGINES, render
+from ..serving.render import CPU_BACKEND, ENGINES, parse_gpus, render
 from .common import CHECKPOINT_HELP
 
 
 def cmd_repo(args) -> int:
     root = render(args.gpu, args.precision, args.checkpoint, args.out, backend=args.backend, engine=args.engine,
-                  max_batch=args.max_batch, backends=not args.config_only, ensemble=args.ensemble)
+                  max_batch=args.max_batch, backends=not args.config_only, ensemble=args.ensemble,
+                  gpus=parse_gpus(args.gpus) if args.gpus else None)
     names = sorted(p.name for p in (root / "models").iterdir())
     print(f"wrote {root}/models ({', '.join(names)})" + ("" if args.config_only else f" and {root}/backends"))
     return 0
@@ -27,6 +28,8 @@ def add_render_args(p) -> None:
                    help="what computes the encoder/denoiser models (auto: tensorrt_plan where Triton has the "
                         "tensorrt backend, onnxruntime on GPU=cpu, else torch)")
     p.add_argument("--max-batch", type=int, help="canvases in flight (default GpuProfile.max_batch)")
+    p.add_argument("--gpus", help="one dgemma model instance per GPU: a count (4 = GPUs 0..3) or device ids (0,2); "
+                                  "default one CPU instance")
     p.add_argument("--ensemble", action="store_true",
                    help="tensorrtllm_backend's layout instead of the decoupled `dgemma` model: a model `ensemble` "
                         "(preprocess -> canvas_loop -> postprocess) with the same inputs and outputs; a cancelled "

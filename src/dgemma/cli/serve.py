@@ -11,7 +11,7 @@ from pathlib import Path
 
 from ..core.layout import current
 from ..core.manifest import write_text_atomic
-from ..serving.render import render
+from ..serving.render import parse_gpus, render
 from ..serving.server import LOOPBACK, TRITON_PORTS, Server, pick_ports
 from .repo import add_render_args
 
@@ -22,7 +22,7 @@ def cmd_serve(args) -> int:
 
     signal.signal(signal.SIGTERM, interrupt)
     root = render(args.gpu, args.precision, args.checkpoint, backend=args.backend, engine=args.engine,
-                  max_batch=args.max_batch, ensemble=args.ensemble)
+                  max_batch=args.max_batch, ensemble=args.ensemble, gpus=parse_gpus(args.gpus) if args.gpus else None)
     srv = Server(root, http_address=args.http_address, grpc_address=args.grpc_address,
                  metrics_address=args.metrics_address)
     if srv.http_address != LOOPBACK:

@@ -106,16 +106,43 @@ def _io_blocks() -> dict[str, str]:
     return {"inputs": _inputs_block(), "outputs": _outputs_block(MODEL_OUTPUTS)}
 
 
-def _ensemble_values(common: dict, params: dict) -> dict[str, dict]:
+def _ensemble_values(common: dict, params: dict, group: str) -> dict[str, dict]:
     """Template values of the --ensemble models: each step's IO and the ensemble's tensor maps."""
     pre = "\n".join(f'      input_map {{ key: "{n}" value: "{n}" }}' for n in MODEL_INPUTS)
     loop = "\n".join(f'      output_map {{ key: "{n}" value: "{"_" + n if n == OUTPUT_IDS else n}" }}'
                      for n in CANVAS_LOOP_OUTPUTS)
     return {"preprocess": {**common, "inputs": _inputs_block(), "parameters": _parameters(params)},
-            "canvas_loop": {**common, "outputs": _outputs_block(CANVAS_LOOP_OUTPUTS),
+            "canvas_loop": {**common, "outputs": _outputs_block(CANVAS_LOOP_OUTPUTS), "instance_group": group,
                             "parameters": _parameters({**params, "step": "canvas_loop"})},
             "postprocess": {**common, "parameters": _parameters(params)},
             ENSEMBLE: {**common, **_io_blocks(), "preprocess_map": pre, "canvas_loop_map": loop}}
+
+
+def parse_gpus(value: str) -> tuple[int, ...]:
+    """`--gpus`: a count ("4" -> GPUs 0..3) or a comma-separated list of device ids ("0,2")."""
+    text = str(value).strip()
+    try:
+        ids = [int(x, 10) for x in text.split(",")] if "," in text else list(range(int(text, 10)))
+    except ValueError:
+        raise ConfigError(f"--gpus takes a GPU count or comma-separated device ids (got {value!r}); "
+                          "e.g. --gpus 4 or --gpus 0,1,2,3.") from None
+    if not ids:
+        raise ConfigError(f"--gpus {value!r} names no GPU; a count must be >= 1 (e.g. --gpus 1).")
+    return tuple(ids)
+
+
+def instance_group(gpus: tuple[int, ...] | None, gpu) -> str:
+    """The dgemma model's instance group: one CPU instance (default), or one instance per listed GPU (each builds
+    its backend on `cuda:<model_instance_device_id>`, serving.loop.load_engine)."""
+    if gpus is None:
+        return "{ kind: KIND_CPU count: 1 }"
+    if gpu.sm == 0:
+        raise ConfigError(f"--gpus {','.join(map(str, gpus))}: GPU profile {gpu.name!r} has no GPUs (it runs on the "
+                          "CPU through ONNX Runtime); drop --gpus or pick a GPU profile.")
+    if min(gpus) < 0 or len(set(gpus)) != len(gpus):
+        raise ConfigError(f"--gpus {','.join(map(str, gpus))}: device ids must be distinct and >= 0; "
+                          "e.g. --gpus 0,1 (or a count: --gpus 2).")
+    return f"{{ kind: KIND_GPU count: 1 gpus: [ {', '.join(map(str, gpus))} ] }}"
 
 
 def _parameters(values: dict[str, object]) -> str:
@@ -127,7 +154,8 @@ def render(gpu: str = "cpu", precision: str = "bf16", checkpoint: str | Path | N
            out: str | Path | None = None, backend: str | None = None, threads: int | None = 1,
            templates: Path = TRITON_TEMPLATES, backends: bool = True,
            engine: str = "auto", onnx_precision: str | None = None, max_batch: int | None = None,
-           queue_delay_us: int = QUEUE_DELAY_US, prefill_chunk: int | None = None, ensemble: bool = False) -> Path:
+           queue_delay_us: int = QUEUE_DELAY_US, prefill_chunk: int | None = None, ensemble: bool = False,
+           gpus: tuple[int, ...] | None = None) -> Path:
     """Write the model repository and backend directory; returns the output root (…/<gpu>/<precision>).
 
     backend: how the canvas loop computes (ort | torch in-process, bls through the encoder/denoiser models; default
@@ -139,8 +167,11 @@ def render(gpu: str = "cpu", precision: str = "bf16", checkpoint: str | Path | N
     ORT's CPU provider runs, else the target precision). max_batch: override GpuProfile.max_batch (requests in
     flight = rows of the dgemma model's scheduler = the graphs' max_batch_size). ensemble: render tensorrtllm_backend's
     layout instead of the `dgemma` model (ENSEMBLE_MODELS: preprocess -> canvas_loop -> postprocess, the model
-    `ensemble` with the dgemma model's inputs and outputs; see its config for the cancellation limit)."""
+    `ensemble` with the dgemma model's inputs and outputs; see its config for the cancellation limit). gpus: device
+    ids for the dgemma (or canvas_loop) model, one instance per GPU (each builds its backend on `cuda:<id>`); default
+    one CPU instance."""
     target = resolve(gpu, precision)
+    group = instance_group(gpus, target.gpu)  # refuses bad --gpus before anything is written
     engine = pick_engine(engine, target.gpu)
     backend = backend or (CPU_BACKEND if target.gpu.sm == 0 else "bls" if engine == "tensorrt" else "torch")
     if backend not in BACKENDS:
@@ -175,7 +206,8 @@ def render(gpu: str = "cpu", precision: str = "bf16", checkpoint: str | Path | N
         "prefill_chunk": chunk,
     }
     common = {"target": target.key, "max_batch": batch, "queue_delay_us": queue_delay_us}
-    values = {"dgemma": {**common, "parameters": _parameters(params), **_io_blocks()}, **_ensemble_values(common, params)}
+    values = {"dgemma": {**common, "parameters": _parameters(params), **_io_blocks(), "instance_group": group},
+              **_ensemble_values(common, params, group)}
     for g in contract.GRAPHS:
         gp = {**params, "graph": g, "runtime": engine}
         values[g] = {**common, "name": g, "graph": g, "runtime": engine, "parameters": _parameters(gp),

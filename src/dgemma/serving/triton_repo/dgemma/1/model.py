@@ -34,6 +34,7 @@ class TritonPythonModel:
         self.step = params.get("step") == "canvas_loop"  # the ensemble's canvas_loop step
         device_id = args.get("model_instance_device_id") if args.get("model_instance_kind") == "GPU" else None
         self.engine = load_engine(params, device_id=int(device_id) if device_id is not None else None)
+        self.instance = args.get("model_instance_name", "dgemma")  # one per GPU with `dgemma repo --gpus`
         self.tok = self.engine.tokenizer
         kinds = {"histogram": pb_utils.MetricFamily.HISTOGRAM, "counter": pb_utils.MetricFamily.COUNTER,
                  "gauge": pb_utils.MetricFamily.GAUGE}  # not defined while Triton auto-completes the config
@@ -46,7 +47,7 @@ class TritonPythonModel:
 
     def _metric(self, name, labels):
         buckets = METRICS[name][2]
-        labels = {"model": "dgemma", **labels}
+        labels = {"model": "dgemma", "instance": self.instance, **labels}  # instances' series must not collide
         fam = self.families[name]
         return fam.Metric(labels=labels, buckets=list(buckets)) if buckets else fam.Metric(labels=labels)
 

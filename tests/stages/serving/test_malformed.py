@@ -18,38 +18,9 @@ import pytest
 
 from dgemma.serving.client import ServerError, request
 
+from .rawgrpc import send
+
 SORT, SORTED = "sort: 3 1 4 1 5 9 2 6 5 3", "1 1 2 3 3 4 5 5 6 9"
-
-
-def send(url, tensors: dict):
-    """Raw tensors (name -> numpy array, sent with that exact shape and dtype) -> ServerError text, or the
-    decoded responses."""
-    import tritonclient.grpc as grpcclient
-    from tritonclient.utils import np_to_triton_dtype
-
-    inputs = []
-    for name, a in tensors.items():
-        t = grpcclient.InferInput(name, list(a.shape), "BYTES" if a.dtype == object else np_to_triton_dtype(a.dtype))
-        t.set_data_from_numpy(a)
-        inputs.append(t)
-    import queue
-
-    got: queue.Queue = queue.Queue()
-    c = grpcclient.InferenceServerClient(url)
-    c.start_stream(callback=lambda result, error: got.put((result, error)))
-    try:
-        c.async_stream_infer("dgemma", inputs, enable_empty_final_response=True)
-        out = []
-        while True:
-            result, error = got.get(timeout=60)
-            if error is not None:
-                return str(error)
-            out.append(result)
-            if result.get_response().parameters["triton_final_response"].bool_param:
-                return out
-    finally:
-        c.stop_stream()
-        c.close()
 
 
 def s(*texts: bytes | str):

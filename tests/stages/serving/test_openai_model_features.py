@@ -13,6 +13,8 @@ import math
 import numpy as np
 import pytest
 
+from .rawgrpc import send
+
 openai = pytest.importorskip("openai", reason="install the serving extra: pip install -e '.[serve]'")
 
 SORT, SORTED = "sort: 3 1 4 1 5 9 2 6 5 3", "1 1 2 3 3 4 5 5 6 9"
@@ -171,11 +173,6 @@ def frontend_request(url: str, prompt: str, stream: bool, **extra) -> list:
     python/openai/openai_frontend/engine/utils/triton.py, _create_trtllm_generate_request): every tensor [1, 1]
     with the batch dim, stop_words [1, n], seed uint64, the token counts asked for; sent here over gRPC with the
     same shapes and dtypes (the frontend hands them to the in-process server API). -> the raw responses."""
-    import queue
-
-    import tritonclient.grpc as grpcclient
-    from tritonclient.utils import np_to_triton_dtype
-
     tensors = {"text_input": np.array([[prompt.encode()]], dtype=np.object_),
                "stream": np.bool_([[stream]]), "max_tokens": np.int32([[extra.pop("max_tokens", 32)]]),
                "return_num_input_tokens": np.bool_([[True]]), "return_num_output_tokens": np.bool_([[True]]),
@@ -188,26 +185,9 @@ def frontend_request(url: str, prompt: str, stream: bool, **extra) -> list:
     if "seed" in extra:
         tensors["seed"] = np.uint64([[extra.pop("seed")]])
     assert not extra, extra
-    inputs = []
-    for name, a in tensors.items():
-        t = grpcclient.InferInput(name, list(a.shape), "BYTES" if a.dtype == object else np_to_triton_dtype(a.dtype))
-        t.set_data_from_numpy(a)
-        inputs.append(t)
-    got: queue.Queue = queue.Queue()
-    c = grpcclient.InferenceServerClient(url)
-    c.start_stream(callback=lambda result, error: got.put((result, error)))
-    c.async_stream_infer("dgemma", inputs, enable_empty_final_response=True)
-    out = []
-    try:
-        while True:
-            result, error = got.get(timeout=60)
-            assert error is None, error
-            out.append(result)
-            if result.get_response().parameters["triton_final_response"].bool_param:
-                return out
-    finally:
-        c.stop_stream()
-        c.close()
+    out = send(url, tensors)
+    assert not isinstance(out, str), out
+    return out
 
 
 def _text(result) -> str:

@@ -10,7 +10,6 @@ from dgemma.core.errors import RequestError
 from dgemma.generation.batch import InFlight, Row
 from dgemma.generation.infill import infill_template
 from dgemma.generation.sampler import Generation, Rng, check_request, generate, stats_for
-from dgemma.runtime.factory import create
 
 # (prompt, seed, sampler overrides, infill, logprobs): steps, temperatures, entropy bounds, adaptive on and off,
 # lengths of prompt and output, an infill template, log-probabilities with and without alternatives
@@ -24,17 +23,12 @@ SPECS = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """After the suite's 2-thread default: one thread, as the serving model runs (2 threads next to another busy
-    process spin on this 2-core box: 9 s -> 200 s for this module)."""
-    torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def engine():
-    torch.set_num_threads(1)
-    return create("torch", "fp32", batched=True, dtype="float32", max_context=256)
+def engine(graph_engine):
+    return graph_engine
 
 
 def _prompt(engine, text):

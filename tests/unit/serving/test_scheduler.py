@@ -10,10 +10,8 @@ import time
 
 import numpy as np
 import pytest
-import torch
 
 from dgemma.core.errors import Busy
-from dgemma.runtime.factory import create
 from dgemma.serving.loop import Job
 from dgemma.serving.metrics import Recorder
 from dgemma.serving.request import Limits, parse_request
@@ -32,17 +30,12 @@ REQUESTS = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """After the suite's 2-thread default: one thread, as the serving model runs (2 threads next to another busy
-    process spin on this 2-core box: 9 s -> 200 s for this module)."""
-    torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def engine():
-    torch.set_num_threads(1)
-    return create("torch", "fp32", batched=True, dtype="float32", max_context=256)
+def engine(graph_engine):
+    return graph_engine
 
 
 @pytest.fixture(scope="module")

@@ -150,6 +150,30 @@ def _parameters(values: dict[str, object]) -> str:
     return "parameters [\n" + ",\n".join(rows) + "\n]"
 
 
+def install_backends(root: Path, tensorrt: bool = False) -> None:
+    """root/backends/: the python backend and the stub for this interpreter from the nvidia-pytriton wheel, and
+    (tensorrt) a link to the Triton build's tensorrt backend."""
+    wd = wheel_dir()
+    bk = root / "backends" / "python"
+    bk.mkdir(parents=True, exist_ok=True)
+    for f in (wd / "backends" / "python").iterdir():
+        if f.is_file():
+            shutil.copy2(f, bk / f.name)
+    stub = wd / "python_backend_stubs" / f"{sys.version_info.major}.{sys.version_info.minor}" / \
+        "triton_python_backend_stub"
+    if not stub.exists():
+        raise ArtifactError(f"{stub} not found: nvidia-pytriton 0.7.0 ships stubs for Python 3.8..3.13 only.")
+    shutil.copy2(stub, bk / stub.name)
+    if tensorrt:
+        trt = triton_backend_dirs().get("tensorrt")
+        if trt is None:
+            raise ArtifactError("engine 'tensorrt' needs Triton's tensorrt backend (an NGC tritonserver build); "
+                                "this one has only " + ", ".join(triton_backend_dirs()) + ". Use --engine torch.")
+        link = root / "backends" / "tensorrt"
+        if not link.exists():
+            link.symlink_to(trt)
+
+
 def render(gpu: str = "cpu", precision: str = "bf16", checkpoint: str | Path | None = None,
            out: str | Path | None = None, backend: str | None = None, threads: int | None = 1,
            templates: Path = TRITON_TEMPLATES, backends: bool = True,
@@ -235,23 +259,5 @@ def render(gpu: str = "cpu", precision: str = "bf16", checkpoint: str | Path | N
         return root
     if backend == "ort" or (engine == "onnxruntime" and with_graphs):
         check_graph_artifacts(onnx_dir)
-    wd = wheel_dir()
-    bk = root / "backends" / "python"
-    bk.mkdir(parents=True, exist_ok=True)
-    for f in (wd / "backends" / "python").iterdir():
-        if f.is_file():
-            shutil.copy2(f, bk / f.name)
-    stub = wd / "python_backend_stubs" / f"{sys.version_info.major}.{sys.version_info.minor}" / \
-        "triton_python_backend_stub"
-    if not stub.exists():
-        raise ArtifactError(f"{stub} not found: nvidia-pytriton 0.7.0 ships stubs for Python 3.8..3.13 only.")
-    shutil.copy2(stub, bk / stub.name)
-    if engine == "tensorrt" and with_graphs:
-        trt = triton_backend_dirs().get("tensorrt")
-        if trt is None:
-            raise ArtifactError("engine 'tensorrt' needs Triton's tensorrt backend (an NGC tritonserver build); "
-                                "this one has only " + ", ".join(triton_backend_dirs()) + ". Use --engine torch.")
-        link = root / "backends" / "tensorrt"
-        if not link.exists():
-            link.symlink_to(trt)
+    install_backends(root, tensorrt=engine == "tensorrt" and with_graphs)
     return root

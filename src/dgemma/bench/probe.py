@@ -6,10 +6,11 @@ at full shape against its torch reference: error, time, GB/s against the copy ba
 denoise step, kernels off and on, p50 / p99, CUDA graphs, and the logit agreement of the two); breakdown (ms by
 category, kernels off = before and on = after, from FastBackend.profile_step); commit (a 256-token canvas); prefill
 (1,024 tokens); anchor (batch 1, 16 fixed steps, 1,024 in / 1,024 out, prefill excluded: the reference sampler and
-the fused head + sampler); batch4 (the same at batch 4, fused sampler); w4a16 (the NVFP4-expert model's step against
-FP8's). Before each phase the clock is read against --budget-s: a phase whose estimate would overrun is skipped and
+the fused head + sampler); batch4 (the same at batch 4, fused sampler); inflight (the serving loop's backend: one step
+over 1, 2, 4, 8 rows in flight at different prefix lengths, CUDA graph per batch bucket, throughput against one row);
+w4a16 (the NVFP4-expert model's step against FP8's). Before each phase the clock is read against --budget-s: a phase whose estimate would overrun is skipped and
 the reason recorded; a phase that raises is recorded as failed and the run goes on. probe.json and probe.csv are
-rewritten atomically after every phase. Uses only public APIs (FastBackend's, dgemma.kernels' launchers and refs).
+rewritten atomically after every phase. Uses only public APIs (FastBackend's, TorchGraphBackend's, dgemma.kernels' launchers and refs).
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ from ..kernels import residual_norm as k_res
 from ..model.lowp import E2M1_MAX, E4M3_MAX, fp8_quantize_rows, nvfp4_encode
 from ..model.modeling import DiffusionGemma, rope_inv_freq
 from ..runtime.fast import FastBackend, describe_footprint, quantize_fp8_, quantize_nvfp4_
+from ..runtime.torch_backend import TorchGraphBackend
 from .inprocess import random_prompt
 from .telemetry import environment
 
@@ -53,7 +55,7 @@ CATEGORIES = ("moe", "dense_gemm", "attention", "head", "other")
 # the least seconds each phase needs on an H100 at full size (JIT compiles and CUDA-graph captures included); the
 # CPU form scales them by its own clock (Plan.cost_scale)
 COST = {"environment": 2, "ceilings": 10, "kernels": 120, "model": 45, "step": 40, "breakdown": 20, "commit": 10,
-        "prefill": 15, "anchor": 45, "batch4": 40, "w4a16": 90}
+        "prefill": 15, "anchor": 45, "batch4": 40, "inflight": 45, "w4a16": 90}
 
 
 @dataclass
@@ -65,6 +67,7 @@ class Plan:
     canvases: int
     reps: int
     batch: int  # the second scenario's batch
+    inflight: int  # rows in flight of the serving loop's backend (the largest batch bucket)
     cost_scale: float
     warm: int  # warm-up calls before a timing (compiles, captures); none on CPU, where each interpreted call costs
 
@@ -72,10 +75,10 @@ class Plan:
     def of(cls, tiny: bool, device: torch.device) -> "Plan":
         if tiny and device.type == "cpu":
             # bf16: the fused dense pass runs only on bf16 activations; one canvas of two steps, one timed call each
-            return cls(TINY, torch.bfloat16, 40, 2, 1, 1, 2, 0.25, 0)
+            return cls(TINY, torch.bfloat16, 40, 2, 1, 1, 2, 2, 0.25, 0)
         if tiny:
-            return cls(TINY, torch.bfloat16, 40, 4, 2, 10, 2, 0.25, 1)
-        return cls(FULL_SIZE, torch.bfloat16, 1024, 16, 4, 30, 4, 1.0, 1)
+            return cls(TINY, torch.bfloat16, 40, 4, 2, 10, 2, 8, 0.25, 1)
+        return cls(FULL_SIZE, torch.bfloat16, 1024, 16, 4, 30, 4, 8, 1.0, 1)
 
 
 def _sync(dev: torch.device) -> None:
@@ -345,6 +348,34 @@ class Probe:
         self.metric(ph, "tok_s_fused_sampler", r["tok_s"], f"generated tok/s, batch {self.plan.batch}")
         self.metric(ph, "ms_per_step_fused_sampler", r["ms_per_step"], "ms")
 
+    def inflight(self, ph: str) -> None:
+        """The serving loop's path under in-flight batching: TorchGraphBackend over the same model (per-row prefix
+        lengths, batch buckets, one CUDA graph per bucket on a GPU), one denoising step over 1..N rows whose
+        prompts differ in length; row 0's logits in each batch against row 0 alone."""
+        p = self.plan
+        sizes = TorchGraphBackend.bucket_sizes(p.inflight)
+        be = TorchGraphBackend(self.model, max_context=p.prompt + p.cfg.canvas_length, buckets=True)
+        st = be.new_state(sizes[-1])
+        g = torch.Generator(device=self.dev).manual_seed(3)
+        for r in range(sizes[-1]):
+            n = max(1, p.prompt - 8 * r)
+            be.encode(st, torch.randint(0, p.cfg.vocab_size, (1, n), device=self.dev, generator=g), rows=[r])
+        canvas = torch.randint(0, p.cfg.vocab_size, (sizes[-1], p.cfg.canvas_length), device=self.dev, generator=g)
+        temps = torch.rand(sizes[-1], device=self.dev, generator=g) * 0.6 + 0.4
+        alone = be.denoise(st, canvas[:1], None, temps[:1], rows=[0])[0].float()
+        one = None
+        for b in sizes:
+            rows = list(range(b))
+            raw = be.denoise(st, canvas[:b], None, temps[:b], rows=rows)[0]  # captures the bucket on a GPU
+            self.metric(ph, f"row0_rel_l2_rows{b}_vs_alone", rel_l2(raw[:1].float(), alone), "")
+            del raw
+            ms = percentile(timeit(lambda: be.denoise(st, canvas[:b], None, temps[:b], rows=rows), self.dev,
+                                   p.reps, warmup=p.warm), 50)
+            one = one or ms
+            self.metric(ph, f"step_ms_p50_rows{b}", ms, "ms")
+            self.metric(ph, f"throughput_rows{b}_vs_rows1", b * one / ms, "x (tokens per second against one row)")
+        self.metric(ph, "cuda_graphs", be.use_graphs, "")
+
     def w4a16(self, ph: str) -> None:
         p = self.plan
         self.model = self.fb_on = self.fb_off = None  # the FP8 model goes before the NVFP4 one is built
@@ -383,6 +414,7 @@ class Probe:
         self.phase("prefill", self.prefill, needs=("model",))
         self.phase("anchor", self.anchor, needs=("model",))
         self.phase("batch4", self.batch4, needs=("model",))
+        self.phase("inflight", self.inflight, needs=("model",))
         self.phase("w4a16", self.w4a16)
         self.res["files"] = {"json": str(self.json_path), "csv": str(self.json_path.with_suffix(".csv"))}
         self.save()

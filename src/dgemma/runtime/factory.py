@@ -7,7 +7,8 @@ the rules live once:
   fast   the native model with static shapes, CUDA graphs and the fused Triton kernels (dgemma.runtime.fast): fp8
          converts the checkpoint's weights; nvfp4 serves `make quantize PRECISION=nvfp4`'s output (quantize/nvfp4/
          in the work directory, or a --checkpoint holding it): NVFP4 experts (W4A16), FP8 dense projections;
-         `batched=True`: the same quantised model under the static passes (TorchGraphBackend)
+         `batched=True`: the same quantised model under the static passes (TorchGraphBackend: on CUDA, batch
+         buckets of rows, each replayed as a CUDA graph)
   ort    the exported graphs in ONNX Runtime: build/onnx/<p>/ with p = fp32 for bf16 (ONNX Runtime's CPU provider
          has no bf16 kernels), fp8 as is; nvfp4 graphs run only in TensorRT
   trt    the TensorRT engines in engines/<gpu>/<precision>/ (GPU: this machine's profile by default)
@@ -102,8 +103,8 @@ def create(kind: str, precision: str = "bf16", gpu: str | None = None, checkpoin
                 quantize_fp8_(model)
             elif precision == "nvfp4":
                 quantize_nvfp4_(model)  # a model handed in (or synthetic weights): quantised here
-            # FastBackend's CUDA graphs assume one length per batch: batched serving runs the quantised model's
-            # static passes instead (TorchGraphBackend)
+            # FastBackend's states hold one length per batch: batched serving runs the quantised model's static
+            # passes instead (TorchGraphBackend: per-row lengths, a CUDA graph per batch bucket)
             backend = (TorchGraphBackend(model, max_context=max_context) if batched
                        else FastBackend(model, max_context=max_context, kernels=kernels))
         info = {"device": str(model.device)}

@@ -64,6 +64,16 @@ class GraphBackend:
         for r in rows:
             state.lengths[r] = 0
 
+    @staticmethod
+    def _lengths(state: GraphState, rows: list[int] | None) -> list[int]:
+        return list(state.lengths) if rows is None else [state.lengths[r] for r in rows]
+
+    def _call(self, graph: str, state: GraphState, rows: list[int] | None, feed: dict[str, Tensor]) -> list[Tensor]:
+        """One graph call over `rows` of the state: feed (the call's own inputs, [n, S, ...]) plus the shared ones."""
+        lengths, kv = self._rows(state, rows)
+        n = next(iter(feed.values())).shape[1]
+        return self._run(graph, {**feed, **self._common(lengths, kv, n)})
+
     def _rows(self, state: GraphState, rows: list[int] | None) -> tuple[list[int], list[Tensor]]:
         if rows is None:
             return list(state.lengths), state.kv
@@ -90,9 +100,9 @@ class GraphBackend:
 
     @torch.no_grad()
     def encode(self, state: GraphState, ids: Tensor, rows: list[int] | None = None) -> None:
-        lengths, kv = self._rows(state, rows)
+        lengths = self._lengths(state, rows)
         self._check_room(state, lengths, len(lengths), ids)
-        new = self._run(contract.ENCODER, {"input_ids": ids, **self._common(lengths, kv, ids.shape[1])})
+        new = self._call(contract.ENCODER, state, rows, {"input_ids": ids})
         targets = list(range(state.batch)) if rows is None else list(rows)
         for r, n in zip(targets, kvbuf.append(self.cfg, state.kv, new, lengths, targets)):
             state.lengths[r] = n
@@ -101,13 +111,13 @@ class GraphBackend:
     def denoise(self, state: GraphState, canvas: Tensor, soft: Tensor | None, temperature: Tensor,
                 rows: list[int] | None = None):
         """temperature: 0-d (every row) or [n] (one per row)."""
-        lengths, kv = self._rows(state, rows)
+        lengths = self._lengths(state, rows)
         self._check_room(state, lengths, len(lengths), canvas)
         b, c = canvas.shape
         sc = torch.zeros(b, c, self.hidden_size, device=self.device) if soft is None else soft
         temp = temperature.to(self.device, torch.float32).reshape(-1).expand(b)
-        logits, nxt = self._run(contract.DENOISER, {"canvas_ids": canvas, "sc_embeds": sc, "temperature": temp,
-                                                  **self._common(lengths, kv, c)})
+        logits, nxt = self._call(contract.DENOISER, state, rows, {"canvas_ids": canvas, "sc_embeds": sc,
+                                                                 "temperature": temp})
         return logits, nxt
 
     # -- for tests/inspection -----------------------------------------------------------------------------------

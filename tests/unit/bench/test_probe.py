@@ -12,7 +12,7 @@ from dgemma.cli import main
 pytest.importorskip("triton")
 
 PHASES = ("environment", "ceilings", "kernels", "model", "step", "breakdown", "commit", "prefill", "anchor", "batch4",
-          "w4a16")
+          "inflight", "w4a16")
 
 
 def test_probe_cpu_tiny_runs_every_phase(tmp_path, capsys):
@@ -32,6 +32,8 @@ def test_probe_cpu_tiny_runs_every_phase(tmp_path, capsys):
     assert m["anchor"]["tok_s_reference_sampler"] > 0 and m["anchor"]["tok_s_fused_sampler"] > 0
     assert res["phases"]["anchor"]["fused_sampler"]["tokens"] == 32  # one 32-token canvas
     assert res["phases"]["batch4"]["fused_sampler"]["tokens"] == 2 * 32
+    assert m["inflight"]["step_ms_p50_rows2"] > 0 and m["inflight"]["throughput_rows1_vs_rows1"] == 1
+    assert m["inflight"]["row0_rel_l2_rows2_vs_alone"] < 1e-2  # bf16, dense experts on the CPU
     assert m["w4a16"]["weights_GB"] == pytest.approx(m["w4a16"]["weights_GB_arithmetic"])
     rows = list(csv.reader((tmp_path / "probe.csv").open()))
     assert rows[0] == ["phase", "metric", "value", "unit"] and any(r[:2] == ["anchor", "tok_s_fused_sampler"]

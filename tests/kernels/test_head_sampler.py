@@ -309,8 +309,7 @@ def test_fused_loop_against_sampler(model, k, template):
 @pytest.mark.slow  # ~90 s here with a warm triton cache (36 compiles + ptxas), minutes cold
 def test_production_configs_compile_for_sm90_sm100_sm120():
     """AOT gate: every production config of the three kernel modules, within shared memory, no spills, the
-    architecture's MMA instruction in the GEMMs (wgmma on SM90). NB: aot's SM120 check looks for the substring
-    "mma", which every PTX of this package carries in its `.file` path (".../dgemma/..."): vacuous there."""
+    architecture's MMA instruction in the GEMMs (wgmma on SM90, tcgen05.mma on SM100, mma.sync on SM120)."""
     from concurrent.futures import ThreadPoolExecutor
 
     with ThreadPoolExecutor(3) as pool:  # one child process per module

@@ -150,7 +150,6 @@ def test_every_production_config_compiles_clean(aot_rows):
                     and r["label"].endswith(f"/{c.block_m}x{c.block_n}x{c.block_k}")]
             assert len(hits) == 1 and (hits[0]["warps"], hits[0]["stages"]) == (c.num_warps, c.num_stages), \
                 (kernel, fam, rows)
-            assert hits[0]["tensor_cores"], hits[0]  # wgmma on SM90, tcgen05 on SM100, mma on SM120
-            # (aot's SM120 check also matches the 'mma' in 'dgemma' in the PTX's file names; mma.sync checked by hand)
+            assert hits[0]["tensor_cores"], hits[0]  # wgmma on SM90, tcgen05.mma on SM100, mma.sync on SM120
     assert {r["sm"] for r in aot_rows} == set(aot.ARCHS)
     assert any(r["label"].startswith("moe_dispatch/") for r in aot_rows)

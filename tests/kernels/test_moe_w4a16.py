@@ -121,7 +121,6 @@ def test_every_production_config_compiles_clean(aot_rows):
     for r in aot_rows:
         assert r["problems"] == [] and r["spills"] == 0 and r["smem"] <= aot.SMEM_LIMIT[r["sm"]], r
         assert r["tensor_cores"], r  # wgmma on SM90, tcgen05 on SM100, mma on SM120
-        # (aot's SM120 check also matches the 'mma' in 'dgemma' in the PTX's file names; mma.sync checked by hand)
     for kernel in (w4.GATE_UP, w4.DOWN):
         for fam, rows, c in configs.production(kernel):
             hits = [r for r in aot_rows if r["label"].startswith(f"{kernel}/sm{fam}/")

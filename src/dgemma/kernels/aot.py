@@ -131,7 +131,7 @@ def gate(module: str) -> list[dict]:
     """Rows of every production config of a kernel module (`module.aot_specs()`), compiled for its architecture."""
     if not interpreting():
         return _compile_module(module)
-    env = dict(os.environ, TRITON_INTERPRET="0")  # "0", not unset: dgemma.kernels would set it again without a GPU
+    env = dict(os.environ, TRITON_INTERPRET="0")  # "0", not unset: the test session and the CLI set it without a GPU
     env["PYTHONPATH"] = os.pathsep.join([os.getcwd(), *sys.path])
     r = subprocess.run([sys.executable, "-m", "dgemma.kernels.aot", module], capture_output=True, text=True,
                        env=env, timeout=1800)

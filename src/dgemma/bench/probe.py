@@ -132,9 +132,9 @@ class _Clocked:
         self._mark()
         return self.inner.denoise(*a)
 
-    def denoise_hidden(self, *a):
+    def sampler_step(self, *a):
         self._mark()
-        return self.inner.denoise_hidden(*a)
+        return self.inner.sampler_step(*a)
 
 
 class Probe:

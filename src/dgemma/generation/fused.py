@@ -4,8 +4,10 @@ FastBackend, for benchmarks where token equality with transformers is not requir
 Same loop, schedule, acceptance, adaptive stopping, argmax commit and EOS handling as dgemma.generation.sampler,
 but the randomness is Gumbel-max over a Philox stream keyed by (seed, row) instead of torch.multinomial / randint on
 the caller's generator: the tokens are NOT those of transformers' generate; argmax, entropy and acceptance are equal
-given the same logits. The V-sized logits never leave the device and nothing syncs the host inside a step except
-the adaptive-stopping check after it (as the reference's torch.all(done)). `generate()` stays the reference path.
+given the same logits. The V-sized logits never leave the device; each step (the denoiser and the sampler) is one
+CUDA graph (FastBackend.sampler_step), and nothing syncs the host inside it: the adaptive-stopping flag lives on the
+device and is read after the step (as the reference's torch.all(done)), and only when adaptive stopping is on.
+`generate()` stays the reference path.
 """
 
 from __future__ import annotations
@@ -29,12 +31,12 @@ def fused_generate(backend, prompt: Tensor, cfg: SamplerConfig, seed: int,
     device, b = prompt.device, prompt.shape[0]
     c = backend.canvas_length
     fs = backend.fused_sampler(cfg)
-    st = fs.new_state(b, [seed + i for i in range(b)])
+    state = backend.new_state(b)
+    st = backend.sampler_state(state, fs, [seed + i for i in range(b)])
     seq = prompt.to(torch.int64)
     eos = None if cfg.ignore_eos or not cfg.eos_token_ids else torch.tensor(cfg.eos_token_ids, device=device)
     finished = torch.zeros(b, dtype=torch.bool, device=device)
     fwd = torch.zeros(b, dtype=torch.int, device=device)
-    state = backend.new_state(b)
     enc_ids = seq
     steps_per_canvas: list[int] = []
     for ci in range(n_canvases):
@@ -43,8 +45,7 @@ def fused_generate(backend, prompt: Tensor, cfg: SamplerConfig, seed: int,
         steps = 0
         for remaining in range(cfg.max_denoising_steps, 0, -1):
             fwd += ~(st.done | finished)
-            hidden = backend.denoise_hidden(state, st.canvas, st.soft)
-            out = fs.step(st, hidden, temperature(cfg, remaining, device))
+            out = backend.sampler_step(state, fs, st, temperature(cfg, remaining, device))
             steps += 1
             if on_step is not None:
                 on_step(StepEvent(ci, steps, remaining, out.draft, out.mean, out.done))

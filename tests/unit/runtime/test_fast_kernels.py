@@ -163,3 +163,29 @@ def test_fused_sampler_step_and_generate():
     assert a.sequences.shape == (2, 20 + TINY.canvas_length) and a.steps_per_canvas == [2]
     assert torch.equal(a.sequences, b.sequences) and torch.equal(a.sequences[:, :20], prompt)
     assert (a.forward_passes == 2).all()
+
+
+def test_sampler_step_is_the_denoiser_then_the_fused_step():
+    """FastBackend.sampler_step (one CUDA graph on a GPU; eager here) does what denoise_hidden + FusedSampler.step
+    do, bit for bit, step after step; its sampler state is allocated once per batch and reset by the seeds."""
+    model = DiffusionGemma.random(TINY, dtype=torch.float32, seed=0)
+    fb = FastBackend(model, 256, kernels="force")
+    prompt = torch.randint(3, TINY.vocab_size, (2, 20), generator=torch.Generator().manual_seed(0))
+    scfg = SamplerConfig(max_new_tokens=TINY.canvas_length, max_denoising_steps=2)
+    fs = fb.fused_sampler(scfg)
+    sf = fb.new_state(2)
+    fb.encode(sf, prompt)
+    st, manual = fb.sampler_state(sf, fs, [1, 2]), fs.new_state(2, [1, 2])
+    fs.begin_canvas(st)
+    fs.begin_canvas(manual)
+    for remaining in (2, 1):
+        t = temperature(scfg, remaining, "cpu")
+        a = fb.sampler_step(sf, fs, st, t)
+        b = fs.step(manual, fb.denoise_hidden(sf, manual.canvas, manual.soft), t)
+        for f in ("argmax", "sample", "entropy", "lp_sample", "accept", "done", "draft"):
+            assert torch.equal(getattr(a, f), getattr(b, f)), f
+        for f in ("canvas", "soft", "rng", "hist"):
+            assert torch.equal(getattr(st, f), getattr(manual, f)), f
+    assert int(st.rng[0, 1]) > 0  # the step counter moved
+    again = fb.sampler_state(sf, fs, [7, 8])
+    assert again is st and st.rng.tolist() == [[7, 0], [8, 0]]

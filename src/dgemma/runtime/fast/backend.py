@@ -43,6 +43,8 @@ class FastState:
     graphs: dict = field(default_factory=dict)
     io: dict = field(default_factory=dict)
     scratch: dict = field(default_factory=dict)  # (layer, S) -> (K, V) [B, kvh, S, hd]
+    samplers: dict = field(default_factory=dict)  # fused sampler's configuration -> its SamplerState (one per batch)
+    sampler: tuple | None = None  # (FusedSampler, SamplerState) that the "step" pass runs
 
     @property
     def length(self) -> int:
@@ -89,6 +91,11 @@ class _Clock:
 
 def _no_clock(name: str):
     return contextlib.nullcontext()
+
+
+def _sampler_key(fs) -> tuple:
+    """What a captured sampler step bakes in besides buffer addresses: the head weights and the scalar settings."""
+    return (id(fs.w), fs.c, fs.softcap, fs.bound, fs.k, fs.threshold, fs.adaptive)
 
 
 class FastBackend:
@@ -198,6 +205,31 @@ class FastBackend:
         self._inputs(state, canvas, soft, None)
         return self._run(state, "hid", state.cache.length)
 
+    def sampler_state(self, state: FastState, fs, seeds) -> object:
+        """The fused sampler's device state for this batch (kernels.fused_sampler.SamplerState): allocated once per
+        FastState and sampler configuration, then reset to `seeds`, so the step graphs that hold its addresses
+        stay valid from one generation to the next."""
+        key = _sampler_key(fs)
+        st = state.samplers.get(key)
+        if st is None:
+            st = state.samplers[key] = fs.new_state(state.past32.shape[0], seeds)
+        else:
+            st.rng[:, 0].copy_(torch.as_tensor(list(seeds), dtype=torch.int64))
+            st.rng[:, 1].zero_()
+        return st
+
+    @torch.no_grad()
+    def sampler_step(self, state: FastState, fs, st, temperature: Tensor):
+        """One whole denoising step with the fused LM head + sampler: the denoiser reads st's canvas and soft
+        embedding, fs.step writes the next ones (kernels.fused_sampler). On CUDA the pass and the sampler are one
+        CUDA graph per (key span, sampler configuration, sampler state); the temperature (0-d) enters through a
+        static device scalar. Returns fs.step's StepResult (views of st's buffers, overwritten by the next step)."""
+        state.cache.check_room(self.canvas_length)
+        state.io["temp"].copy_(temperature)
+        state.sampler = (fs, st)
+        return self._run(state, "step", state.cache.length, (_sampler_key(fs), st.canvas.data_ptr(),
+                                                             None if st.template is None else st.template.data_ptr()))
+
     @torch.no_grad()
     def ar_step(self, state: FastState, ids: Tensor) -> Tensor:
         """Autoregressive baseline on the same weights: causal pass over ids [B,S] -> next-token logits [B,V].
@@ -278,14 +310,14 @@ class FastBackend:
                     mod.kernels = self.kernels
             self.model._fast_owner = weakref.ref(self)  # a weak reference: deepcopy of the model copies no backend
 
-    def _run(self, state: FastState, mode: str, p: int):
+    def _run(self, state: FastState, mode: str, p: int, key_extra: tuple = ()):
         self._claim()
         state.p.fill_(p)  # kernels with a scalar argument: no host sync
         state.past32.fill_(p)
         span = self._span(p)
         if not self.use_graphs:
             return self._forward(state, mode, span)
-        key = (mode, span)
+        key = (mode, span, *key_extra)
         entry = state.graphs.get(key)
         if entry is not None:
             entry[0].replay()
@@ -327,8 +359,12 @@ class FastBackend:
         return F.scaled_dot_product_attention(qf, k, v, attn_mask=mask, scale=1.0).reshape(b, nh, s, d)
 
     def _forward(self, state: FastState, mode: str, span: int, clock: Callable = _no_clock):
-        """mode: den (logits + next soft), hid (normed hidden), enc (commit / prefill chunk), ar (S = 1)."""
+        """mode: den (logits + next soft), hid (normed hidden), step (hid + the fused sampler's step on
+        state.sampler), enc (commit / prefill chunk), ar (S = 1)."""
         m, io = self.model, state.io
+        if mode == "step":  # the sampler state's canvas and soft embedding are the pass's inputs
+            io["canvas"].copy_(state.sampler[1].canvas)
+            io["soft"].copy_(state.sampler[1].soft)
         ar = mode == "ar"
         enc = mode == "enc" or ar  # causal passes that write the cache
         ids = io["ar_ids"] if ar else io["canvas"]
@@ -351,6 +387,9 @@ class FastBackend:
                 return self._logits(hn[:, -1])
             if mode == "hid":
                 return hn
+            if mode == "step":
+                fs, st = state.sampler
+                return fs.step(st, hn, io["temp"])
             self._logits(hn, out=io["raw"])
             probs = (io["raw"] / io["temp"]).to(m.dtype).softmax(dim=-1, dtype=torch.float32).to(m.dtype)
             emb = m.fp8_soft(probs) if hasattr(m, "fp8_soft") else torch.matmul(probs, m.embed_tokens.weight)

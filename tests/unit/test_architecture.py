@@ -57,9 +57,11 @@ def imports(name: str, path: Path, known: set[str]):
                 mod = ".".join(base + ([node.module] if node.module else []))
             else:
                 mod = node.module or ""
-            for a in node.names:  # `from pkg import module` imports the module
+            for a in node.names:  # `from pkg import module` imports the module, and pkg (its __init__) first
                 full = f"{mod}.{a.name}"
-                yield (full if full in known else mod), node.lineno, lazy
+                if full in known:
+                    yield full, node.lineno, lazy
+                yield mod, node.lineno, lazy
 
 
 def package_of(mod: str) -> str | None:

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 
-from . import params
+from .params import chat, completion, model_inputs
 from .body import MAX_BODY_BYTES, check_content_type, parse_json, read_body
 from .errors import ApiError, bad_request
 from .metrics import Metrics
@@ -161,14 +161,14 @@ def create_app(bridge: TritonBridge, tokenizer, cfg: ServerConfig | None = None)
     async def generate(request: Request, kind: str):
         check_content_type(request.headers.get("content-type"))
         body = parse_json(await read_body(request.receive, request.headers, cfg.max_body_bytes))
-        gen = (params.chat(body, cfg.model_name, tokenizer.render_chat) if kind == "chat"
-               else params.completion(body, cfg.model_name))
+        gen = (chat(body, cfg.model_name, tokenizer.render_chat) if kind == "chat"
+               else completion(body, cfg.model_name))
         size = len(gen.prompt.encode("utf-8"))
         if size > max_prompt_bytes:
             raise bad_request(f"the prompt is {size} bytes; the served model takes at most {info.param('max_prompt')} "
                               f"tokens, which no text over {max_prompt_bytes} bytes fits in.",
                               "messages" if kind == "chat" else "prompt", "context_length_exceeded")
-        inputs = params.model_inputs(gen, set(info.inputs))
+        inputs = model_inputs(gen, set(info.inputs))
         rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
         answer = Answer(gen, cfg.model_name, rid, token_text)
         events = bridge.generate(gen.prompt, inputs, rid)

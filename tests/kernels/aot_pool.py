@@ -1,9 +1,9 @@
 """Runs the dense-kernel modules' AOT gates (aot.gate: a child process compiling every production config) in the
 background, so the compiles overlap the interpreted tests instead of following them.
 
-Each test module names its kernel module (`KERNEL_MODULE`) and requests `gates_started` (autouse): the first test to
-run starts the gate of every module whose `test_aot_production_configs` is selected, on a two-thread pool; a module's
-`aot_rows` fixture waits for its own result. Deselected gates are never started."""
+Each test module names its kernel module (`KERNEL_MODULE`); conftest's `gates_started` (autouse): the first kernel test
+to run starts the gate of every module whose `test_aot_production_configs` is selected, on a two-thread pool; the
+`aot_rows` fixture waits for its module's own result. Deselected gates are never started."""
 
 from concurrent.futures import Future, ThreadPoolExecutor
 
@@ -24,3 +24,11 @@ def rows(module: str) -> list[dict]:
     if module not in _GATES:
         _GATES[module] = _POOL.submit(aot.gate, module)
     return _GATES[module].result()
+
+
+def assert_clean(rows: list[dict]) -> None:
+    """The gate's verdict: every architecture compiled, and no config over its shared memory, spilling, or missing
+    the MMA instruction it must use."""
+    assert {r["sm"] for r in rows} == set(aot.ARCHS)
+    for r in rows:
+        assert r["problems"] == [] and r["spills"] == 0, r

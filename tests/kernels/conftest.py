@@ -5,6 +5,19 @@ import pytest
 
 triton = pytest.importorskip("triton")
 
+from . import aot_pool  # noqa: E402 - after the skip: aot_pool imports dgemma.kernels (triton)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def gates_started(request):
+    aot_pool.start_selected(request.session)  # the AOT compiles run beside the interpreted tests
+
+
+@pytest.fixture(scope="module")
+def aot_rows(request):
+    """The AOT gate's rows of the test module's KERNEL_MODULE (started early by gates_started)."""
+    return aot_pool.rows(request.module.KERNEL_MODULE)
+
 
 @pytest.fixture
 def device():

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from dgemma.core.config import ModelConfig
-from dgemma.kernels import aot, qkv
+from dgemma.kernels import qkv
 from dgemma.kernels.configs import Config
 from dgemma.kernels.norm_quant import quant_rows
 from dgemma.model.modeling import Attention, DiffusionGemma, rope_inv_freq
@@ -143,18 +143,6 @@ def test_matches_model_attention_qkv(layer):
             assert (got != ref).float().mean().item() < 0.01
 
 
-@pytest.fixture(scope="session", autouse=True)
-def gates_started(request):
-    aot_pool.start_selected(request.session)  # the AOT compiles run beside the interpreted tests
-
-
-@pytest.fixture(scope="module")
-def aot_rows():
-    return aot_pool.rows(KERNEL_MODULE)
-
-
 def test_aot_production_configs(aot_rows):
-    assert {r["sm"] for r in aot_rows} == set(aot.ARCHS)
-    for r in aot_rows:
-        assert r["problems"] == [] and r["spills"] == 0, r
+    aot_pool.assert_clean(aot_rows)
     assert all(r["tensor_cores"] for r in aot_rows if r["label"].startswith("qkv_") and r["sm"] == 90)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from dgemma.core.config import ModelConfig
-from dgemma.kernels import aot, residual_norm as rn
+from dgemma.kernels import residual_norm as rn
 from dgemma.kernels.configs import Config
 from dgemma.model.modeling import Layer
 from dgemma.model.lowp import fp8_quantize_rows as _quant_rows_eager
@@ -197,17 +197,5 @@ def test_post_ffn_matches_model_layer_ffn(model):
     assert torch.allclose(s, rs, rtol=2**-7, atol=0) and _codes_equal_frac(q, rq) < 0.01
 
 
-@pytest.fixture(scope="session", autouse=True)
-def gates_started(request):
-    aot_pool.start_selected(request.session)  # the AOT compiles run beside the interpreted tests
-
-
-@pytest.fixture(scope="module")
-def aot_rows():
-    return aot_pool.rows(KERNEL_MODULE)
-
-
 def test_aot_production_configs(aot_rows):
-    assert {r["sm"] for r in aot_rows} == set(aot.ARCHS)
-    for r in aot_rows:
-        assert r["problems"] == [] and r["spills"] == 0, r
+    aot_pool.assert_clean(aot_rows)

@@ -18,7 +18,6 @@ import queue
 import socket
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -29,6 +28,8 @@ httpx = pytest.importorskip("httpx", reason="install the serving extra: pip inst
 
 from dgemma.serving.client import request  # noqa: E402
 from dgemma.serving.metrics import metric, parse_metrics  # noqa: E402
+
+from .clients import concurrently  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 SORT = "sort: 3 1 4 1 5 9 2 6 5 3"
@@ -384,21 +385,7 @@ def test_sixteen_concurrent_streams_get_their_solo_answers(client):
         return "".join(c.choices[0].text for c in chunks if c.choices)
 
     alone = {j: ask(j) for j in jobs}
-    got, errors = {}, []
-
-    def worker(job):
-        try:
-            got[job] = ask(job)
-        except Exception as e:  # collected and reported below
-            errors.append(f"{job}: {e!r}")
-
-    threads = [threading.Thread(target=worker, args=(j,)) for j in jobs]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
-    assert not errors, errors
-    assert got == alone
+    assert concurrently(ask, jobs) == alone
 
 
 # -- the door itself: key, metrics, health, CLI ---------------------------------------------------------------------------

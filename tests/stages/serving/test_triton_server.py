@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import queue
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -17,6 +16,8 @@ import torch
 
 from dgemma.serving.client import ServerError, encode_inputs, request, stats
 from dgemma.serving.metrics import metric, parse_metrics
+
+from .clients import concurrently
 
 PROMPTS = [("sort: 3 1 4 1 5 9 2 6 5 3", 0), ("sort: 8 0 7 2 2 9 4 1 6 3", 7)]
 MAX_CONTEXT = 256  # GpuProfile cpu: the KV capacity the server's backends use
@@ -148,22 +149,10 @@ def test_eight_concurrent_clients(server, local):
     digits = [" ".join(map(str, rng.integers(0, 10, 10))) for _ in range(8)]  # the tiny model sorts 10 digits
     jobs = [(f"sort: {d}", i) for i, d in enumerate(digits)]
     want = {j: generate_local(local, *j, max_new_tokens=64, ignore_eos=True) for j in jobs}
-    got, errors = {}, []
     b0 = stats(server.grpc_url).get("denoiser", {}).get("batches", {})
     m0 = parse_metrics(server.metrics())
-
-    def worker(job):
-        try:
-            got[job] = request(server.grpc_url, job[0], seed=job[1], max_tokens=64, ignore_eos=True)[-1]
-        except Exception as e:  # collected and reported below
-            errors.append(f"{job}: {e}")
-
-    threads = [threading.Thread(target=worker, args=(j,)) for j in jobs]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
-    assert not errors, errors
+    got = concurrently(lambda job: request(server.grpc_url, job[0], seed=job[1], max_tokens=64, ignore_eos=True)[-1],
+                       jobs)
     assert {j: g["text_output"] for j, g in got.items()} == {j: w[0] for j, w in want.items()}
     assert {j: g["steps_per_canvas"] for j, g in got.items()} == {j: w[1].steps_per_canvas for j, w in want.items()}
     assert sum(w[0].startswith(" ".join(sorted(j[0][6:].split()))) for j, w in want.items()) >= 6  # it sorts
@@ -366,21 +355,7 @@ def test_sixteen_streaming_clients_mixed_and_cancelled_get_their_solo_answers(se
     cancel = {i: 1 for i in longest}
     assert all(len(solo[i]) >= 3 for i in cancel), [len(s) for s in solo]
     m0 = parse_metrics(server.metrics())
-    got: dict = {}
-    errors = []
-
-    def worker(i):
-        try:
-            got[i] = collect(server.grpc_url, reqs[i], cancel_after=cancel.get(i))
-        except Exception as e:  # reported below
-            errors.append(f"client {i}: {e!r}")
-
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(16)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(180)
-    assert not errors, errors
+    got = concurrently(lambda i: collect(server.grpc_url, reqs[i], cancel_after=cancel.get(i)), range(16), 180)
     for i in range(16):
         want = solo[i][: cancel[i]] if i in cancel else solo[i]
         assert got[i] == want, f"client {i} ({reqs[i]})"

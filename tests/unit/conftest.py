@@ -9,8 +9,12 @@ import torch
 @pytest.fixture
 def one_thread():
     """After the suite's 2-thread default: one thread, as the serving model runs (2 threads next to another busy
-    process spin on this 2-core box: 9 s -> 200 s for the in-flight tests)."""
+    process spin on this 2-core box: 9 s -> 200 s for the in-flight tests; tiny GEMMs are dominated by the thread
+    hand-off anyway). The count is restored afterwards."""
+    n = torch.get_num_threads()
     torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="session")

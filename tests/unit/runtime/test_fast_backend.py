@@ -14,13 +14,7 @@ from dgemma.generation.sampler import generate
 V, C = TINY.vocab_size, TINY.canvas_length
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # tiny GEMMs are dominated by thread hand-off on a loaded 2-core box
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/unit/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -36,12 +36,7 @@ from dgemma.runtime.fast import FastBackend, Fp8Experts, Kernels, quantize_fp8_
 pytest.importorskip("triton")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/unit/conftest.py
 
 
 def rel(a, b) -> float:

@@ -34,12 +34,7 @@ from dgemma.tiny.task import get_task
 from .nvfp4_ckpt import write_nvfp4_checkpoint
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/unit/conftest.py
 
 
 def rel(a, b) -> float:

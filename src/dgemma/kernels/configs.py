@@ -31,6 +31,11 @@ class Config:
         return {"BLOCK_M": self.block_m, "BLOCK_N": self.block_n, "BLOCK_K": self.block_k}
 
 
+def tile(m: int, n: int, k: int, warps: int, stages: int) -> Config:
+    """A GEMM's tile and launch options in one line (the MoE kernels' tables)."""
+    return Config(block_m=m, block_n=n, block_k=k, num_warps=warps, num_stages=stages)
+
+
 # kernel -> arch family -> [(max rows of the bucket, config)], ascending; arch family: 90, 100, 120
 TABLES: dict[str, dict[int, list[tuple[int, Config]]]] = {}
 

@@ -273,9 +273,7 @@ def _fp8_down_kernel(hq_ptr, hs_ptr, order_ptr, offsets_ptr, tile_expert_ptr, ti
 GATE_UP, DOWN = "moe_fp8_gate_up", "moe_fp8_down"
 
 
-def _cfg(m, n, k, warps, stages):
-    return Config(block_m=m, block_n=n, block_k=k, num_warps=warps, num_stages=stages)
-
+_cfg = configs.tile
 
 # buckets: tokens per expert (T*k/E): 16 at one 256-token canvas, x2 per canvas. block_m < 64 swaps A/B.
 # gate/up: one program per tile loops over all I columns (the row absmax needs the whole row).
